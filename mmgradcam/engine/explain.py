@@ -1,0 +1,106 @@
+"""``explain``: one forward pass, all targets backpropagated together, maps from any CAM method."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..methods.base import get_method
+from .capture import ActivationCapture, OutputIndex
+from .explanation import Explanation
+from .gradients import Target, check_targets, target_gradients, target_scores
+from .inputs import Inputs, call_model, input_size_of
+from .layers import resolve_layer
+from .layouts import Layout
+from .state import preserved_state
+
+LayerSpec = nn.Module | str
+
+
+def _zero_gradient_warning(layer_name: str) -> None:
+    warnings.warn(
+        f"every gradient at layer {layer_name!r} is zero, so its maps are empty. The classic cause "
+        "is a ViT's last block when the head reads only the CLS token: the image tokens there do "
+        "not reach the output. Explain an earlier layer (e.g. the last block's first layer norm or "
+        "the block before it).",
+        stacklevel=3,
+    )
+
+
+def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
+                          layers: Sequence[tuple[str, nn.Module]], *, output_index: OutputIndex = None,
+                          batched: bool | str = "auto", eval_mode: bool = True,
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B))."""
+    with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad(), \
+            ActivationCapture(layers, output_index) as capture:
+        output = call_model(model, inputs)
+        activations = [capture.activation(name) for name, _ in layers]
+        scores = target_scores(targets, output, int(activations[0].shape[0]))
+        gradients = target_gradients(scores, activations, batched)
+    return [a.detach() for a in activations], [g.detach() for g in gradients], scores.detach()
+
+
+def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
+            layer: LayerSpec | Sequence[LayerSpec], method: str = "gradcam", *,
+            counterfactual: bool = False, layout: str = "auto", prefix_tokens: int | None = None,
+            grid: tuple[int, int] | None = None, output_index: OutputIndex = None,
+            batched: bool | str = "auto", eval_mode: bool = True,
+            input_size: tuple[int, int] | None = None, image_key: str | None = None,
+            ) -> Explanation | list[Explanation]:
+    """Explain T targets at ``layer`` from a single forward pass.
+
+    model: left as it was (mode, requires_grad, .grad, hooks), also when an exception escapes;
+        run in eval mode unless ``eval_mode=False``.
+    inputs: a Tensor (``model(x)``) or a Mapping of keyword inputs (``model(**inputs)``).
+    targets: T callables, each model output -> Tensor (B,).
+    layer: an nn.Module inside ``model`` or its dotted name; a list of them gives a list of
+        Explanations from the same forward and backward pass.
+    method: "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam".
+    counterfactual: negate the gradients (the Grad-CAM paper's counterfactual explanation: what
+        speaks against the target).
+    layout / prefix_tokens / grid: how to read the layer output ("auto": 4-D is (B, C, h, w),
+        3-D is tokens (B, N, C) with prefix tokens dropped and a square grid inferred;
+        "bhwc" for channels-last).
+    output_index: which element of a tuple / ModelOutput layer output to use (default: the first,
+        or ``last_hidden_state``).
+    batched: "auto" (batched backward, loop fallback), True or False.
+    input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
+    """
+    cam_method = get_method(method)
+    targets = check_targets(targets)
+    layer_list = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layer_list:
+        raise ValueError("layer is an empty list; name at least one layer")
+    layers = [resolve_layer(model, spec) for spec in layer_list]
+    base_layout = Layout(layout, prefix_tokens, grid)
+    size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
+
+    activations, gradients, scores = forward_and_gradients(
+        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode
+    )
+    results = []
+    for (name, _), activation, gradient in zip(layers, activations, gradients):
+        resolved = base_layout.resolve(activation)
+        acts = resolved.to_bchw(activation, lead=1).float()
+        grads = resolved.to_bchw(gradient, lead=2).float()
+        if not torch.any(grads != 0):
+            _zero_gradient_warning(name)
+        if counterfactual:
+            grads = -grads
+        signed = cam_method.signed_map(acts, grads)
+        results.append(Explanation(
+            layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=acts,
+            gradients=grads, scores=scores, input_size=size, method=cam_method.name,
+            layer_name=name, counterfactual=counterfactual,
+        ))
+    return results if isinstance(layer, (list, tuple)) else results[0]
+
+
+def counterfactual(model: nn.Module, inputs: Inputs, targets: Sequence[Target], layer: LayerSpec,
+                   method: str = "gradcam", **kwargs: Any) -> Explanation:
+    """Counterfactual maps (negated gradients): regions whose removal would raise the targets."""
+    return explain(model, inputs, targets, layer, method, counterfactual=True, **kwargs)

@@ -1,0 +1,1 @@
+"""Task adapters (captioning, VQA), installed and imported as ``mmgradcam.tasks``."""
