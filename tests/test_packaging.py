@@ -48,6 +48,9 @@ def test_normal_install_puts_tasks_under_mmgradcam(tmp_path):
         pass
     subprocess.run(pip, check=True, cwd=tmp_path)
     assert (target / "mmgradcam" / "tasks" / "__init__.py").is_file()
+    for model in ["captioner", "vqa"]:  # the shipped default models travel with the package
+        for name in ["model.safetensors", "config.json"]:
+            assert (target / "mmgradcam" / "tasks" / "weights" / model / name).is_file()
     assert not (target / "tasks").exists()  # no stray top-level package
     code = "import mmgradcam.tasks, sys; print(mmgradcam.tasks.__file__)"
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, capture_output=True, text=True,

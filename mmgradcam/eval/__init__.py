@@ -1,0 +1,1 @@
+"""Evaluation: caption and answer quality, word-level scoring against COCO segmentations."""

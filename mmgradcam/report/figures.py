@@ -1,0 +1,78 @@
+"""Matplotlib figures: a map over its image, a caption's per-word grid."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def _array(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+
+
+def overlay(ax, image: Image.Image | np.ndarray, heatmap: torch.Tensor | np.ndarray, title: str = "",
+            vmax: float | None = None, alpha: float = 0.5, cmap: str = "jet"):
+    """Draw ``heatmap`` (H, W) over ``image`` on ``ax``; returns the heat image (for a colorbar)."""
+    heat = heatmap.detach().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    ax.imshow(_array(image))
+    top = vmax if vmax is not None else (float(heat.max()) if heat.max() > 0 else 1.0)
+    shown = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=top)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return shown
+
+
+def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequence[str], path: str | Path,
+             suptitle: str = "", common_scale: bool = False, columns: int = 6, dpi: int = 110) -> Path:
+    """The image, then one overlay per map; ``common_scale`` puts every map on one color scale."""
+    count = len(titles) + 1
+    cols = min(columns, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows + (0.4 if suptitle else 0)), squeeze=False)
+    axes[0, 0].imshow(_array(image))
+    axes[0, 0].set_title("image", fontsize=9)
+    vmax = float(maps.max()) if common_scale and float(maps.max()) > 0 else None
+    for k, title in enumerate(titles):
+        ax = axes[(k + 1) // cols, (k + 1) % cols]
+        shown = overlay(ax, image, maps[k], title, vmax=vmax)
+        if not common_scale:
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    for ax in axes.flat[:1]:
+        ax.axis("off")
+    if common_scale:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def caption_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False) -> Path:
+    """Per-word grid for a CaptionExplanation: each word with its log-probability as the title."""
+    titles = [f"{w}  ({lp:.2f})" for w, lp in zip(result.words, result.word_logprobs)]
+    suptitle = f"\u201c{result.caption}\u201d  \u2014 {result.method}"
+    return map_grid(image, result.maps, titles, path, suptitle=suptitle, common_scale=common_scale)
+
+
+def vqa_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False) -> Path:
+    """The image and one map per explained answer (and the contrast map), the question as title."""
+    titles = [f"{'why not ' if result.counterfactual else ''}{a}  (p={p:.2f})"
+              for a, p in zip(result.answers, result.probabilities)]
+    maps = result.maps
+    if result.contrast_map is not None:
+        titles.append(f"{result.answers[0]} rather than {result.contrast}")
+        maps = torch.cat([maps, result.contrast_map[None]])
+    return map_grid(image, maps, titles, path, suptitle=f"Q: {result.question}", common_scale=common_scale)

@@ -1,0 +1,80 @@
+"""What the training scripts share: images in memory, a resumable checkpointed loop, the schedule."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmgradcam.tasks.geometry import to_tensor
+
+
+def load_images(split: dict) -> tuple[torch.Tensor, list[int]]:
+    """All images of a split as one normalized float tensor (N, 3, H, W), in instances order."""
+    ids = [img["id"] for img in split["instances"]["images"]]
+    files = {img["id"]: img["file_name"] for img in split["instances"]["images"]}
+    pixels = torch.cat([to_tensor(Image.open(split["images_dir"] / files[i]).convert("RGB")) for i in ids])
+    return pixels, ids
+
+
+def train_loop(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+               num_items: int, *, steps: int, batch_size: int, lr: float, out: Path, seed: int,
+               checkpoint_every: int = 100) -> None:
+    """AdamW with warm-up and cosine decay over ``steps``; ``loss_fn(batch_indices, generator)``.
+
+    A checkpoint (tensors only, read back with weights_only=True) is written every
+    ``checkpoint_every`` steps with the batch order and random state; a rerun with the same
+    arguments resumes from it and ends where an uninterrupted run would.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / "checkpoint.pt"
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    order = torch.randperm(num_items, generator=generator)
+    position = 0
+    with (out / "train.log").open("a") as log:
+        if checkpoint_path.is_file():
+            state = torch.load(checkpoint_path, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            step, order, position = int(state["step"]), state["order"], int(state["position"])
+            print(f"resumed from step {step}", file=log, flush=True)
+        model.train()
+        start = time.time()
+        while step < steps:
+            if position + batch_size > num_items:
+                order, position = torch.randperm(num_items, generator=generator), 0
+            batch = order[position:position + batch_size]
+            position += batch_size
+            loss = loss_fn(batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 20 == 0 or step == steps:
+                print(f"step {step}/{steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                      f"{time.time() - start:.0f}s", file=log, flush=True)
+            if step % checkpoint_every == 0 or step == steps:
+                tmp = checkpoint_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                            "step": step, "order": order, "position": position}, tmp)
+                tmp.replace(checkpoint_path)
+    model.eval()
+
+
+def log_line(out: Path, text: str) -> None:
+    with (out / "train.log").open("a") as log:
+        print(text, file=log, flush=True)

@@ -1,0 +1,248 @@
+"""Captioning: per-word Grad-CAM maps for a caption, generated or given.
+
+``load(name)`` gives a Captioner; ``Captioner.explain(image, caption=None)`` explains every word
+of the caption from one forward pass and one batched backward (the engine), each word's target
+being its log-probability given the image and the words before it (a word of several tokens sums
+its tokens' log-probabilities). Maps come back at the original image size.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import mmgradcam as mg
+from mmgradcam.targets import logits_of
+
+from .geometry import ImageLike, load_image
+
+PIXEL_METHODS = ("guided-gradcam",)
+
+
+@dataclass
+class CaptionTokens:
+    """A caption as the model reads it under teacher forcing.
+
+    word_positions[j] lists (logit position, token id) for every token of word j.
+    """
+
+    input_ids: torch.Tensor
+    words: list[str]
+    word_positions: list[list[tuple[int, int]]]
+    extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class LogSoftmaxCache:
+    """One log-softmax of the logits shared by all word targets of a forward pass."""
+
+    def __init__(self) -> None:
+        self._logits: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        logits = logits_of(output)
+        if logits is not self._logits:
+            self._logits, self._value = logits, torch.log_softmax(logits.float(), dim=-1)
+        return self._value
+
+
+class TokensLogProb:
+    """Target: for each sample b, the sum of log p(token | image, previous tokens) over
+    ``positions[b]``, a list of (logit position, token id) -> (B,). A sample with an empty list
+    scores 0 (nothing to explain for it: its map is empty)."""
+
+    def __init__(self, positions: Sequence[Sequence[tuple[int, int]]], log_softmax: LogSoftmaxCache | None = None):
+        rows = [(b, pos, tok) for b, sample in enumerate(positions) for pos, tok in sample]
+        if not rows:
+            raise ValueError("a word target needs at least one token position")
+        self.batch = len(positions)
+        self.owner, self.pos, self.tok = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+        self.log_softmax = log_softmax or LogSoftmaxCache()
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        logprobs = self.log_softmax(output)
+        if logprobs.shape[0] != self.batch:
+            raise ValueError(f"target built for {self.batch} samples got a batch of {logprobs.shape[0]}")
+        picked = logprobs[self.owner, self.pos, self.tok]
+        return torch.zeros(self.batch, dtype=logprobs.dtype, device=logprobs.device).index_add(
+            0, self.owner.to(logprobs.device), picked)
+
+
+def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens]) -> tuple[list[TokensLogProb], TokensLogProb]:
+    """Per word index j, a target scoring word j of every caption; and the whole-caption target."""
+    batch = [tokens] if isinstance(tokens, CaptionTokens) else list(tokens)
+    cache = LogSoftmaxCache()
+    count = max(len(t.word_positions) for t in batch)
+    per_word = [TokensLogProb([t.word_positions[j] if j < len(t.word_positions) else [] for t in batch], cache)
+                for j in range(count)]
+    whole = TokensLogProb([[pt for p in t.word_positions for pt in p] for t in batch], cache)
+    return per_word, whole
+
+
+@dataclass
+class CaptionExplanation:
+    """Per-word maps for one image and caption.
+
+    maps (n_words, H, W) and caption_map (H, W) at the ORIGINAL image size; layer_maps
+    (n_words, h, w) at the explained layer; guided_maps (n_words, H, W) for "guided-gradcam".
+    """
+
+    caption: str
+    words: list[str]
+    word_logprobs: list[float]
+    caption_logprob: float
+    maps: torch.Tensor
+    layer_maps: torch.Tensor
+    caption_map: torch.Tensor
+    seen: torch.Tensor
+    method: str
+    layer: str
+    model: str
+    counterfactual: bool = False
+    guided_maps: torch.Tensor | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
+
+    def normalized(self) -> torch.Tensor:
+        return mg.normalize_maps(self.maps)
+
+    def summary(self) -> dict:
+        """JSON-ready: caption, words, log-probs and per-word map statistics."""
+        words = []
+        for j, word in enumerate(self.words):
+            m = self.maps[j]
+            peak = divmod(int(m.argmax()), m.shape[1])
+            words.append({"index": j, "word": word, "logprob": self.word_logprobs[j],
+                          "map_max": float(m.max()), "map_mean": float(m.mean()),
+                          "peak_yx": [int(peak[0]), int(peak[1])]})
+        return {"caption": self.caption, "model": self.model, "method": self.method, "layer": self.layer,
+                "counterfactual": self.counterfactual, "image_size": list(self.image_size),
+                "caption_logprob": self.caption_logprob, "words": words}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"maps": self.maps.numpy(), "layer_maps": self.layer_maps.numpy(),
+               "caption_map": self.caption_map.numpy(), "seen": self.seen.numpy(),
+               "words": np.array(self.words), "word_logprobs": np.array(self.word_logprobs)}
+        if self.guided_maps is not None:
+            out["guided_maps"] = self.guided_maps.numpy()
+        return out
+
+
+class Captioner:
+    """What every captioning adapter provides; ``explain`` is shared by all model families.
+
+    Subclasses set ``model`` (an nn.Module whose forward takes the keyword inputs from
+    ``model_inputs`` and returns logits (B, L, V) or an output with ``.logits``), ``default_layer``
+    (with ``layer_reason``) and ``pad_id``, and implement ``preprocess``, ``tokenize`` and
+    ``generate`` (``generate_batch`` and ``model_inputs`` when the defaults do not fit).
+    """
+
+    model: nn.Module
+    family: str = "?"
+    name: str = "?"
+    default_layer: str = ""
+    layer_reason: str = ""
+    layer_options: dict[str, Any] = {}
+    pad_id: int = 0
+
+    def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Any]:
+        raise NotImplementedError
+
+    def tokenize(self, caption: str) -> CaptionTokens:
+        raise NotImplementedError
+
+    def model_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for a batch of images and their captions."""
+        return {"pixel_values": pixel_values, **self.collate(tokens)}
+
+    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
+        raise NotImplementedError
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1) -> list[str]:
+        """Captions for several images (adapters override this to batch the model)."""
+        return [self.generate(image, beam_size=beam_size) for image in images]
+
+    def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        """Batch the text inputs: right-pad ``input_ids`` (with ``pad_id``) and the extra inputs (0)."""
+        length = max(t.input_ids.shape[1] for t in tokens)
+        batch = {"input_ids": torch.full((len(tokens), length), self.pad_id, dtype=torch.long)}
+        for row, t in enumerate(tokens):
+            batch["input_ids"][row, :t.input_ids.shape[1]] = t.input_ids[0]
+            for key, value in t.extra_inputs.items():
+                batch.setdefault(key, torch.zeros((len(tokens), length), dtype=value.dtype))[row, :value.shape[1]] = value[0]
+        return batch
+
+    def explain(self, image: ImageLike, caption: str | None = None, method: str = "gradcam",
+                layer: nn.Module | str | None = None, counterfactual: bool = False, beam_size: int = 1,
+                batched: bool | str = "auto") -> CaptionExplanation:
+        """Explain every word of ``caption`` (generated first when None) on ``image``."""
+        return self.explain_batch([image], [caption], method=method, layer=layer, counterfactual=counterfactual,
+                                  beam_size=beam_size, batched=batched)[0]
+
+    def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
+                      method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
+                      beam_size: int = 1, batched: bool | str = "auto") -> list[CaptionExplanation]:
+        """Explain the captions of several images: one forward pass and one batched backward for
+        all words of all captions (word j of every caption is one target)."""
+        pils = [load_image(image, what=f"images[{i}]") for i, image in enumerate(images)]
+        captions = list(captions) if captions is not None else [None] * len(pils)
+        if len(captions) != len(pils):
+            raise ValueError(f"{len(captions)} captions given for {len(pils)} images")
+        for i, caption in enumerate(captions):
+            if caption is not None and not isinstance(caption, str):
+                raise TypeError(f"captions[{i}] must be a str or None, got {type(caption).__name__}")
+        missing = [i for i, c in enumerate(captions) if c is None]
+        if missing:
+            for i, caption in zip(missing, self.generate_batch([pils[i] for i in missing], beam_size=beam_size)):
+                if not caption.strip():
+                    raise ValueError(f"the model generated an empty caption for image {i}; give one")
+                captions[i] = caption
+        tokens = [self.tokenize(c) for c in captions]
+        prepared = [self.preprocess(pil) for pil in pils]
+        pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
+        model_inputs = self.model_inputs(pixel_values, tokens)
+        per_word, whole = word_targets(tokens)
+        layer = layer if layer is not None else self.default_layer
+        pixel_method = method.lower() in PIXEL_METHODS
+        exp = mg.explain(self.model, model_inputs, per_word + [whole], layer, "gradcam" if pixel_method else method,
+                         counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                         **self.layer_options)
+        maps = exp.maps
+        guided = None
+        if pixel_method:
+            gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
+            guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
+        results = []
+        for b, ((_, geometry), t) in enumerate(zip(prepared, tokens)):
+            n = len(t.words)
+            image_maps = geometry.invert(maps[:, b])
+            scores = exp.scores[:, b].tolist()
+            results.append(CaptionExplanation(
+                caption=captions[b], words=t.words, word_logprobs=scores[:n], caption_logprob=scores[-1],
+                maps=image_maps[:n], layer_maps=exp.layer_maps[:n, b], caption_map=image_maps[-1],
+                seen=geometry.seen(), method=method.lower() if pixel_method else exp.method, layer=exp.layer_name,
+                model=self.name, counterfactual=counterfactual,
+                guided_maps=geometry.invert(guided[:n, b]) if guided is not None else None,
+            ))
+        return results
+
+
+def load(name: str | Path = "default", **kwargs: Any) -> Captioner:
+    """A captioner: "default" (shipped), a directory with a default-family model, or (with the
+    Hugging Face adapters) a model id or directory."""
+    from . import default
+
+    key = str(name)
+    if key == "default" or default.is_default_directory(key):
+        captioner = default.load_default_captioner(key)
+        captioner.name = key
+        return captioner
+    raise ValueError(f"cannot load captioner {key!r}: expected 'default' or a directory holding a "
+                     "default-family model (config.json + model.safetensors)")

@@ -1,0 +1,361 @@
+"""The default model family: a small ResNet trunk that keeps a 16x16 grid, with a transformer
+caption decoder or a question-attention VQA head. Trained on the shapes world by scripts/."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from mmgradcam.engine import preserved_state
+from mmgradcam.targets import ClassLogProb, ClassScore
+
+from . import checkpoints
+from .captioning import Captioner, CaptionTokens
+from .vqa import VQAModel
+from .geometry import ImageLike, Letterbox, load_image, to_tensor
+from .text import Vocabulary, is_word, join_words, split_words
+
+
+class ShapesEncoder(nn.Module):
+    """A ResNet trunk (torchvision BasicBlocks) of stride 8: a 128 px image gives a 16x16 grid.
+
+    The stem reduces by 4 (conv + max-pool, as in ResNet), layer2 by 2 more, and layer3 keeps the
+    resolution, so the explained layer ``layer3`` is the last one and each map cell is 8 px.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int, int] = (1, 2, 2)):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        self.layer1 = self._stage(widths[0], widths[0], blocks[0], stride=1)
+        self.layer2 = self._stage(widths[0], widths[1], blocks[1], stride=2)
+        self.layer3 = self._stage(widths[1], widths[2], blocks[2], stride=1)
+        self.out_channels = widths[2]
+
+    @staticmethod
+    def _stage(inplanes: int, planes: int, count: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(inplanes, planes, stride, downsample)]
+        layers += [BasicBlock(planes, planes) for _ in range(count - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layer3(self.layer2(self.layer1(self.stem(pixel_values))))
+
+
+class GridTokens(nn.Module):
+    """(B, C, h, w) feature map -> (B, h*w, d) tokens with a learned 2-D position embedding."""
+
+    def __init__(self, channels: int, dim: int, grid: int):
+        super().__init__()
+        self.project = nn.Linear(channels, dim)
+        self.row = nn.Parameter(torch.randn(grid, dim) * 0.02)
+        self.col = nn.Parameter(torch.randn(grid, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        tokens = self.project(features.flatten(2).transpose(1, 2))
+        position = (self.row[:h, None, :] + self.col[None, :w, :]).reshape(h * w, -1)
+        return self.norm(tokens + position)
+
+
+class CaptionNet(nn.Module):
+    """Encoder + transformer decoder: ``forward(pixel_values, input_ids) -> logits (B, L, V)``."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_tokens: int = 24,
+                 grid: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = ShapesEncoder()
+        self.grid_tokens = GridTokens(self.encoder.out_channels, dim, grid)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+        self.max_tokens = max_tokens
+
+    def memory(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.grid_tokens(self.encoder(pixel_values))
+
+    def decode(self, memory: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.max_tokens:
+            raise ValueError(f"{length} tokens exceed the model's limit of {self.max_tokens}")
+        x = self.embed(input_ids) * math.sqrt(self.embed.embedding_dim) + self.position[:length]
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=x.device), diagonal=1)
+        x = self.decoder(x, memory, tgt_mask=causal)
+        return self.head(self.norm(x))
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.memory(pixel_values), input_ids)
+
+    @torch.no_grad()
+    def greedy(self, pixel_values: torch.Tensor, bos_id: int, eos_id: int, max_len: int | None = None) -> torch.Tensor:
+        """(B, <=max_len) generated ids after BOS, stopping when every sample has produced EOS."""
+        max_len = min(max_len or self.max_tokens - 1, self.max_tokens - 1)
+        memory = self.memory(pixel_values)
+        ids = torch.full((pixel_values.shape[0], 1), bos_id, dtype=torch.long, device=pixel_values.device)
+        done = torch.zeros(pixel_values.shape[0], dtype=torch.bool, device=pixel_values.device)
+        for _ in range(max_len):
+            next_id = self.decode(memory, ids)[:, -1].argmax(-1)
+            next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
+            done |= next_id == eos_id
+            if bool(done.all()):
+                break
+        return ids[:, 1:]
+
+    @torch.no_grad()
+    def beam(self, pixel_values: torch.Tensor, bos_id: int, eos_id: int, beam_size: int,
+             max_len: int | None = None) -> list[int]:
+        """Beam search for one image; returns the best sequence's ids (without BOS, up to EOS)."""
+        max_len = min(max_len or self.max_tokens - 1, self.max_tokens - 1)
+        memory = self.memory(pixel_values[:1])
+        beams = [([bos_id], 0.0)]
+        finished: list[tuple[list[int], float]] = []
+        for _ in range(max_len):
+            ids = torch.tensor([b[0] for b in beams], device=pixel_values.device)
+            logprobs = torch.log_softmax(self.decode(memory.expand(len(beams), -1, -1), ids)[:, -1], -1)
+            candidates = []
+            for (seq, score), row in zip(beams, logprobs):
+                values, indices = row.topk(beam_size)
+                candidates += [(seq + [int(i)], score + float(v)) for v, i in zip(values, indices)]
+            candidates.sort(key=lambda c: c[1], reverse=True)
+            beams = []
+            for seq, score in candidates:
+                (finished if seq[-1] == eos_id else beams).append((seq, score))
+                if len(beams) == beam_size:
+                    break
+            if not beams or len(finished) >= beam_size:
+                break
+        pool = finished or beams
+        best = max(pool, key=lambda c: c[1] / len(c[0]))  # length-normalized
+        return best[0][1:]
+
+
+def build_caption_model(config: dict) -> CaptionNet:
+    return CaptionNet(len(config["vocabulary"]), dim=config["dim"], layers=config["layers"],
+                        heads=config["heads"], max_tokens=config["max_tokens"], grid=config["grid"])
+
+
+class DefaultCaptioner(Captioner):
+    """The shipped shapes-world captioner (or one trained by scripts/train_captioner.py)."""
+
+    family = "default"
+    default_layer = "encoder.layer3"
+    layer_reason = "the trunk's last stage: a 16x16 grid the decoder cross-attends to"
+
+    def __init__(self, model: CaptionNet, config: dict):
+        self.model = model.eval()
+        self.config = config
+        self.vocab = Vocabulary(config["vocabulary"])
+        self.image_size = int(config["image_size"])
+        self.max_tokens = model.max_tokens
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> "DefaultCaptioner":
+        config = checkpoints.read_config(directory)
+        if config.get("task") != "captioning" or config.get("family") != cls.family:
+            raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
+                             f"{config.get('family')!r}, not a default captioner")
+        model = checkpoints.load_weights(build_caption_model(config), directory)
+        return cls(model, config)
+
+    def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Letterbox]:
+        pil = load_image(image)
+        geometry = Letterbox((pil.height, pil.width), self.image_size)
+        return {"pixel_values": to_tensor(geometry.apply(pil))}, geometry
+
+    def tokenize(self, caption: str) -> CaptionTokens:
+        tokens = split_words(caption)
+        if not any(is_word(t) for t in tokens):
+            raise ValueError(f"caption {caption!r} is empty: it has no words to explain")
+        ids = self.vocab.encode(tokens, what=f"caption {caption!r}")
+        if len(ids) + 1 > self.max_tokens:
+            raise ValueError(f"caption has {len(ids)} words and marks; the model's limit is {self.max_tokens - 1}")
+        input_ids = torch.tensor([[self.vocab.bos_id] + ids])
+        # the logit at position i predicts input token i + 1
+        words = [(t, [(i, ids[i])]) for i, t in enumerate(tokens) if is_word(t)]
+        return CaptionTokens(input_ids=input_ids, words=[w for w, _ in words],
+                             word_positions=[p for _, p in words], extra_inputs={})
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    def generate_batch(self, images, beam_size: int = 1) -> list[str]:
+        pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
+        return self.generate_from_pixels(pixels, beam_size)
+
+    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
+        inputs, _ = self.preprocess(image)
+        return self.generate_from_pixels(inputs["pixel_values"], beam_size, max_words)[0]
+
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
+                             max_words: int | None = None) -> list[str]:
+        with torch.no_grad():
+            if beam_size > 1:
+                return [join_words(self.vocab.decode(self.model.beam(p[None], self.vocab.bos_id, self.vocab.eos_id,
+                                                                     beam_size, max_words))) for p in pixel_values]
+            ids = self.model.greedy(pixel_values, self.vocab.bos_id, self.vocab.eos_id, max_words)
+        return [join_words(self.vocab.decode(row)) for row in ids]
+
+
+def is_default_directory(path: str | Path) -> bool:
+    """True for a directory holding a default-family model."""
+    config = Path(path) / checkpoints.CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return checkpoints.read_config(path).get("family") == "default"
+    except ValueError:
+        return False
+
+
+def load_default_captioner(name: str | Path = "default") -> DefaultCaptioner:
+    directory = checkpoints.packaged("captioner") if str(name) == "default" else Path(name)
+    if str(name) == "default" and not (directory / checkpoints.WEIGHTS).is_file():
+        raise FileNotFoundError(
+            "the shipped default captioner is missing from the package (tasks/weights/captioner); "
+            "reinstall, or train one with scripts/train_captioner.py"
+        )
+    return DefaultCaptioner.from_directory(directory)
+
+
+def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Preprocess a shapes-world image the same way as the adapters (used by the training scripts)."""
+    return to_tensor(Letterbox((image.height, image.width), size).apply(image))
+
+
+# ----------------------------------------------------------------------------- VQA
+class AnswerNet(nn.Module):
+    """Encoder + question tokens that self-attend and attend over the 16x16 image regions
+    (transformer decoder layers without a causal mask) + an answer classifier read from a learned
+    answer token. ``forward(pixel_values, input_ids, attention_mask=None) -> logits (B, A)``."""
+
+    def __init__(self, vocab_size: int, num_answers: int, dim: int = 128, layers: int = 2, heads: int = 4,
+                 max_question: int = 16, grid: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = ShapesEncoder()
+        self.grid_tokens = GridTokens(self.encoder.out_channels, dim, grid)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.answer_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(max_question + 1, dim) * 0.02)
+        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.fusion = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_answers))
+        self.max_question = max_question
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.max_question:
+            raise ValueError(f"{length} question tokens exceed the model's limit of {self.max_question}")
+        memory = self.grid_tokens(self.encoder(pixel_values))
+        words = self.embed(input_ids) * math.sqrt(self.embed.embedding_dim)
+        x = torch.cat([self.answer_token.expand(len(input_ids), -1, -1), words], dim=1) + self.position[:length + 1]
+        padding = None
+        if attention_mask is not None:
+            keep = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
+            padding = keep == 0
+        x = self.fusion(x, memory, tgt_key_padding_mask=padding)
+        return self.classifier(self.norm(x[:, 0]))
+
+
+def build_vqa_model(config: dict) -> AnswerNet:
+    return AnswerNet(len(config["vocabulary"]), len(config["answers"]), dim=config["dim"], layers=config["layers"],
+                     heads=config["heads"], max_question=config["max_question"], grid=config["grid"])
+
+
+class DefaultVQA(VQAModel):
+    """The shipped shapes-world VQA model (or one trained by scripts/train_vqa.py)."""
+
+    family = "default"
+    default_layer = "encoder.layer3"
+    layer_reason = "the trunk's last stage: the 16x16 regions the question tokens attend over"
+
+    def __init__(self, model: AnswerNet, config: dict):
+        self.model = model.eval()
+        self.config = config
+        self.vocab = Vocabulary(config["vocabulary"])
+        self.answers = list(config["answers"])
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+        self.image_size = int(config["image_size"])
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> "DefaultVQA":
+        config = checkpoints.read_config(directory)
+        if config.get("task") != "vqa" or config.get("family") != cls.family:
+            raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
+                             f"{config.get('family')!r}, not a default VQA model")
+        return cls(checkpoints.load_weights(build_vqa_model(config), directory), config)
+
+    def encode_question(self, question: str) -> torch.Tensor:
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        tokens = split_words(question)
+        words = [t for t in tokens if is_word(t)]
+        if not words:
+            raise ValueError(f"question {question!r} is empty: it has no words")
+        unknown = [w for w in words if w not in self.vocab]
+        if len(unknown) == len(words):
+            raise ValueError(f"question {question!r} has only words the model does not know: "
+                             f"{', '.join(dict.fromkeys(unknown))}")
+        ids = self.vocab.encode(tokens, what=f"question {question!r}", unknown="warn")
+        if len(ids) > self.model.max_question:
+            raise ValueError(f"question has {len(ids)} words and marks; the model's limit is {self.model.max_question}")
+        return torch.tensor([ids])
+
+    def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Letterbox]:
+        input_ids = self.encode_question(question)
+        pil = load_image(image)
+        geometry = Letterbox((pil.height, pil.width), self.image_size)
+        return {"pixel_values": to_tensor(geometry.apply(pil)), "input_ids": input_ids}, geometry
+
+    def _index(self, answer: str) -> int:
+        key = answer.strip().lower() if isinstance(answer, str) else answer
+        if key not in self.answer_index:
+            raise ValueError(f"answer {answer!r} is not in the model's answer vocabulary: {', '.join(self.answers)}")
+        return self.answer_index[key]
+
+    def answer_target(self, answer: str, score: str = "logit"):
+        index = self._index(answer)
+        return ClassScore(index) if score == "logit" else ClassLogProb(index)
+
+    def _probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), preserved_state(self.model):
+            return torch.softmax(self.model(**inputs), dim=-1)[0]
+
+    def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
+        probabilities = self._probabilities(inputs)
+        values, indices = probabilities.topk(min(top_k, len(self.answers)))
+        return [(self.answers[int(i)], float(v)) for v, i in zip(values, indices)]
+
+    def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
+        probabilities = self._probabilities(inputs)
+        return [float(probabilities[self._index(a)]) for a in answers]
+
+
+def load_default_vqa(name: str | Path = "default") -> DefaultVQA:
+    directory = checkpoints.packaged("vqa") if str(name) == "default" else Path(name)
+    if str(name) == "default" and not (directory / checkpoints.WEIGHTS).is_file():
+        raise FileNotFoundError(
+            "the shipped default VQA model is missing from the package (tasks/weights/vqa); "
+            "reinstall, or train one with scripts/train_vqa.py"
+        )
+    return DefaultVQA.from_directory(directory)
