@@ -99,6 +99,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.pipeline import EvalConfig, run_eval
+
+    if args.captions is None and args.questions is None:
+        raise ValueError("give --captions (caption words) and/or --questions with --answers (VQA)")
+    config = EvalConfig(
+        instances=str(args.instances), images=str(args.images), out=str(args.out),
+        captions=str(args.captions) if args.captions else None,
+        questions=str(args.questions) if args.questions else None,
+        answers=str(args.answers) if args.answers else None, model=args.model, vqa_model=args.vqa_model,
+        method=args.method, layer=args.layer, limit=args.limit, batch_size=args.batch_size,
+        references=args.references, synonyms=str(args.synonyms) if args.synonyms else None,
+        sanity_images=args.sanity_images, faithfulness_images=args.faithfulness_images, seed=args.seed,
+        skip_captions=args.captions is None,
+    )
+    summary = run_eval(config, progress=not args.quiet)
+    if summary is not None:
+        print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
 def cmd_make_shapes(args: argparse.Namespace) -> int:
     from .data.shapes import write_split
 
@@ -146,6 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=128)
     _add_caption_options(demo, "out/demo")
     demo.set_defaults(func=cmd_demo)
+
+    evaluate = commands.add_parser("eval", help="score word (and answer) maps against COCO segmentations")
+    evaluate.add_argument("--instances", type=Path, required=True, help="COCO instances json (masks)")
+    evaluate.add_argument("--images", type=Path, required=True, help="directory of the images")
+    evaluate.add_argument("--captions", type=Path, default=None, help="COCO captions json (for --references)")
+    evaluate.add_argument("--questions", type=Path, default=None, help="VQA v2 questions json")
+    evaluate.add_argument("--answers", type=Path, default=None, help="VQA v2 annotations json with object_ids")
+    evaluate.add_argument("--model", default="default", help="captioner: 'default', a directory or HF id")
+    evaluate.add_argument("--vqa-model", default="default", help="VQA model: 'default', a directory or HF id")
+    evaluate.add_argument("--method", default="gradcam")
+    evaluate.add_argument("--layer", default=None)
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--references", action="store_true", help="also explain each image's first reference caption")
+    evaluate.add_argument("--synonyms", type=Path, default=None, help="extra word<TAB>category table")
+    evaluate.add_argument("--sanity-images", type=int, default=0, help="model-randomization check on N images")
+    evaluate.add_argument("--faithfulness-images", type=int, default=0, help="deletion/insertion AUCs on N images")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.set_defaults(func=cmd_eval)
 
     shapes = commands.add_parser("make-shapes", help="write a shapes-world data set (COCO format)")
     shapes.add_argument("--out", type=Path, required=True)

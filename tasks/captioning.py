@@ -179,6 +179,22 @@ class Captioner:
                 batch.setdefault(key, torch.zeros((len(tokens), length), dtype=value.dtype))[row, :value.shape[1]] = value[0]
         return batch
 
+    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        """Teacher-forced per-word log-probabilities of ``captions[i]`` on ``images[i]`` (no gradients)."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
+        scores: list[list[float]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            tokens = [self.tokenize(c) for c in captions[chunk]]
+            pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
+            per_word, _ = word_targets(tokens)
+            with torch.no_grad(), mg.engine.preserved_state(self.model):
+                output = self.model(**self.model_inputs(pixels, tokens))
+                values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
+            scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
+        return scores
+
     def explain(self, image: ImageLike, caption: str | None = None, method: str = "gradcam",
                 layer: nn.Module | str | None = None, counterfactual: bool = False, beam_size: int = 1,
                 batched: bool | str = "auto") -> CaptionExplanation:

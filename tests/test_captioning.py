@@ -7,23 +7,18 @@ from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.data.shapes import make_image
-from mmgradcam.tasks import captioning, checkpoints
+from mmgradcam.tasks import captioning
 from mmgradcam.tasks.captioning import TokensLogProb, word_targets
-from mmgradcam.tasks.default import build_caption_model
 from mmgradcam.tasks.geometry import Letterbox
-from mmgradcam.tasks.text import Vocabulary, join_words, split_words
+from mmgradcam.tasks.text import join_words, split_words
+from tiny import tiny_captioner
 
 WORDS = "a an two red green blue circle circles square star stars to the left of and above , small large".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = {"task": "captioning", "family": "default", "image_size": 64, "grid": 8, "dim": 32, "layers": 1,
-              "heads": 2, "max_tokens": 12, "vocabulary": Vocabulary(WORDS).words}
-    directory = tmp_path_factory.mktemp("tiny_captioner")
-    checkpoints.save_model(build_caption_model(config), config, directory)
-    return directory
+    return tiny_captioner(tmp_path_factory.mktemp("tiny_captioner"), WORDS, max_tokens=12)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.data.shapes import make_image
-from mmgradcam.tasks import checkpoints, vqa
-from mmgradcam.tasks.default import build_vqa_model
-from mmgradcam.tasks.text import Vocabulary
+from mmgradcam.tasks import vqa
+from tiny import tiny_vqa as tiny
 
 QUESTION_WORDS = "what color is the circle square star shape object how many circles are there a red blue ?".split()
 ANSWERS = ["blue", "circle", "no", "one", "red", "square", "two", "yes"]
@@ -16,12 +15,7 @@ ANSWERS = ["blue", "circle", "no", "one", "red", "square", "two", "yes"]
 
 @pytest.fixture(scope="module")
 def tiny_vqa(tmp_path_factory):
-    torch.manual_seed(1)
-    config = {"task": "vqa", "family": "default", "image_size": 64, "grid": 8, "dim": 32, "layers": 1, "heads": 2,
-              "max_question": 10, "vocabulary": Vocabulary(QUESTION_WORDS).words, "answers": ANSWERS}
-    directory = tmp_path_factory.mktemp("tiny_vqa")
-    checkpoints.save_model(build_vqa_model(config), config, directory)
-    return vqa.load(str(directory))
+    return vqa.load(str(tiny(tmp_path_factory.mktemp("tiny_vqa"), QUESTION_WORDS, ANSWERS, max_question=10)))
 
 
 @pytest.fixture(scope="module")

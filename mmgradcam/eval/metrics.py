@@ -1,0 +1,106 @@
+"""Scores of one map against one ground-truth mask (definitions in DESIGN.md), baselines, CIs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+THRESHOLD = 0.15
+TOLERANCE_PX = 15
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = 0.0,
+                 distance_to_mask: np.ndarray | None = None) -> bool:
+    """Is the map's maximum within ``tolerance`` pixels of the mask? (TorchRay's pointing game)."""
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    if mask[y, x]:
+        return True
+    if tolerance <= 0:
+        return False
+    if distance_to_mask is None:
+        distance_to_mask = ndimage.distance_transform_edt(~mask)
+    return bool(distance_to_mask[y, x] <= tolerance)
+
+
+def energy_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's non-negative mass inside the mask (0 for an all-zero map)."""
+    mass = np.clip(heatmap, 0, None)
+    total = float(mass.sum())
+    return float(mass[mask].sum()) / total if total > 0 else 0.0
+
+
+def threshold_region(heatmap: np.ndarray, fraction: float = THRESHOLD) -> np.ndarray:
+    top = float(heatmap.max())
+    if top <= 0:
+        return np.zeros(heatmap.shape, dtype=bool)
+    return heatmap >= fraction * top
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum()) / float(union) if union else 0.0
+
+
+def _box_mask(shape: tuple[int, int], region: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(region)
+    box = np.zeros(shape, dtype=bool)
+    if len(ys):
+        box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    return box
+
+
+def box_iou(heatmap: np.ndarray, mask: np.ndarray, fraction: float = THRESHOLD) -> float:
+    """IoU of the box around the largest connected segment of the thresholded map with the box
+    around the mask (union of the category's instances)."""
+    region = threshold_region(heatmap, fraction)
+    labels, count = ndimage.label(region)
+    if count == 0:
+        return 0.0
+    sizes = ndimage.sum(region, labels, index=range(1, count + 1))
+    largest = labels == (int(np.argmax(sizes)) + 1)
+    return iou(_box_mask(mask.shape, largest), _box_mask(mask.shape, mask))
+
+
+def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANCE_PX) -> dict[str, float]:
+    """All word-level metrics of one map against one mask."""
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if heatmap.shape != mask.shape:
+        raise ValueError(f"map shape {heatmap.shape} differs from mask shape {mask.shape}")
+    distance = ndimage.distance_transform_edt(~mask) if tolerance > 0 else None
+    return {
+        "pointing_0px": float(pointing_hit(heatmap, mask, 0)),
+        "pointing_15px": float(pointing_hit(heatmap, mask, tolerance, distance)),
+        "energy": energy_inside(heatmap, mask),
+        "iou_15": iou(threshold_region(heatmap), mask),
+        "box_iou": box_iou(heatmap, mask),
+        "box_correct": float(box_iou(heatmap, mask) >= 0.5),
+    }
+
+
+METRICS = ("pointing_0px", "pointing_15px", "energy", "iou_15", "box_iou", "box_correct")
+
+
+def center_gaussian(shape: tuple[int, int], sigma_fraction: float = 0.25) -> np.ndarray:
+    """The center baseline: a Gaussian at the image center, sigma a fraction of each side."""
+    h, w = shape
+    ys = (np.arange(h) - (h - 1) / 2) / (sigma_fraction * h)
+    xs = (np.arange(w) - (w - 1) / 2) / (sigma_fraction * w)
+    return np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+
+
+def uniform_random(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """The random baseline: i.i.d. uniform values, seeded per word so runs are reproducible."""
+    return np.random.default_rng(seed).random(shape)
+
+
+def bootstrap_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean with a percentile bootstrap confidence interval."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

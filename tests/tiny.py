@@ -1,0 +1,32 @@
+"""Tiny random-weight default-family models saved as model directories, for fast tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmgradcam.data.shapes import COLORS, NUMBER_WORDS, PLURALS, SHAPES
+from mmgradcam.tasks import checkpoints
+from mmgradcam.tasks.default import build_caption_model, build_vqa_model
+from mmgradcam.tasks.text import Vocabulary
+
+SHAPES_WORDS = (["a", "there", "is", "are", "and", ",", "small", "large", "to", "the", "left", "right", "of",
+                 "above", "below", "in", "top", "bottom", "center"] + list(COLORS) + list(SHAPES)
+                + list(PLURALS.values()) + list(NUMBER_WORDS.values()))
+
+
+def tiny_captioner(directory: Path, words=SHAPES_WORDS, image_size: int = 64, max_tokens: int = 24, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = {"task": "captioning", "family": "default", "image_size": image_size, "grid": image_size // 8,
+              "dim": 32, "layers": 1, "heads": 2, "max_tokens": max_tokens, "vocabulary": Vocabulary(words).words}
+    checkpoints.save_model(build_caption_model(config), config, directory)
+    return directory
+
+
+def tiny_vqa(directory: Path, words, answers, image_size: int = 64, max_question: int = 16, seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    config = {"task": "vqa", "family": "default", "image_size": image_size, "grid": image_size // 8, "dim": 32,
+              "layers": 1, "heads": 2, "max_question": max_question, "vocabulary": Vocabulary(words).words,
+              "answers": list(answers)}
+    checkpoints.save_model(build_vqa_model(config), config, directory)
+    return directory
