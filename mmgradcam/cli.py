@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as error:
+    except (ValueError, OSError, TypeError, KeyError) as error:
         print(f"mmgradcam {args.command}: error: {error}", file=sys.stderr)
         return 2
 

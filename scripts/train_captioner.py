@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-val", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1100)
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dim", type=int, default=128)
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--bias", default=None, help='confounded training split, e.g. "circle=red"')
     parser.add_argument("--ship", action="store_true", help="copy the result into tasks/weights/captioner")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                ignore_index=vocab.pad_id)
 
     train_loop(model, loss_fn, len(ids), steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
-               seed=args.seed, checkpoint_every=args.checkpoint_every)
+               seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
     final = args.out / "model"
     checkpoints.save_model(model, config, final)
     captioner = DefaultCaptioner(model, config)

@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-val", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     parser.add_argument("--blank-images", action="store_true", help="question-only baseline")
     parser.add_argument("--ship", action="store_true", help="copy the result into tasks/weights/vqa")
     args = parser.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return F.cross_entropy(logits, table["answer"][batch])
 
     train_loop(model, loss_fn, len(table["answer"]), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-               out=args.out, seed=args.seed, checkpoint_every=args.checkpoint_every)
+               out=args.out, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
     final = args.out / "model"
     checkpoints.save_model(model, config, final)
     report = {}

@@ -19,6 +19,7 @@ from torch import nn
 import mmgradcam as mg
 from mmgradcam.targets import logits_of
 
+from .common import Adapter
 from .geometry import ImageLike, load_image
 
 PIXEL_METHODS = ("guided-gradcam",)
@@ -38,16 +39,21 @@ class CaptionTokens:
 
 
 class LogSoftmaxCache:
-    """One log-softmax of the logits shared by all word targets of a forward pass."""
+    """One log-softmax of the logits shared by all word targets of a forward pass.
 
-    def __init__(self) -> None:
+    ``text_length``: keep only the last ``text_length`` logit positions (models such as GIT put
+    image positions before the text in their logits)."""
+
+    def __init__(self, text_length: int | None = None) -> None:
+        self.text_length = text_length
         self._logits: torch.Tensor | None = None
         self._value: torch.Tensor | None = None
 
     def __call__(self, output: Any) -> torch.Tensor:
         logits = logits_of(output)
         if logits is not self._logits:
-            self._logits, self._value = logits, torch.log_softmax(logits.float(), dim=-1)
+            text = logits if self.text_length is None else logits[:, -self.text_length:]
+            self._logits, self._value = logits, torch.log_softmax(text.float(), dim=-1)
         return self._value
 
 
@@ -73,10 +79,11 @@ class TokensLogProb:
             0, self.owner.to(logprobs.device), picked)
 
 
-def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens]) -> tuple[list[TokensLogProb], TokensLogProb]:
+def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens],
+                 text_logits_from_end: bool = False) -> tuple[list[TokensLogProb], TokensLogProb]:
     """Per word index j, a target scoring word j of every caption; and the whole-caption target."""
     batch = [tokens] if isinstance(tokens, CaptionTokens) else list(tokens)
-    cache = LogSoftmaxCache()
+    cache = LogSoftmaxCache(max(t.input_ids.shape[1] for t in batch) if text_logits_from_end else None)
     count = max(len(t.word_positions) for t in batch)
     per_word = [TokensLogProb([t.word_positions[j] if j < len(t.word_positions) else [] for t in batch], cache)
                 for j in range(count)]
@@ -135,7 +142,7 @@ class CaptionExplanation:
         return out
 
 
-class Captioner:
+class Captioner(Adapter):
     """What every captioning adapter provides; ``explain`` is shared by all model families.
 
     Subclasses set ``model`` (an nn.Module whose forward takes the keyword inputs from
@@ -144,13 +151,8 @@ class Captioner:
     ``generate`` (``generate_batch`` and ``model_inputs`` when the defaults do not fit).
     """
 
-    model: nn.Module
-    family: str = "?"
-    name: str = "?"
-    default_layer: str = ""
-    layer_reason: str = ""
-    layer_options: dict[str, Any] = {}
     pad_id: int = 0
+    text_logits_from_end: bool = False  # logits hold non-text positions first (GIT)
 
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Any]:
         raise NotImplementedError
@@ -188,8 +190,8 @@ class Captioner:
             chunk = slice(start, start + batch_size)
             tokens = [self.tokenize(c) for c in captions[chunk]]
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
-            per_word, _ = word_targets(tokens)
-            with torch.no_grad(), mg.engine.preserved_state(self.model):
+            per_word, _ = word_targets(tokens, self.text_logits_from_end)
+            with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
                 output = self.model(**self.model_inputs(pixels, tokens))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
@@ -224,17 +226,18 @@ class Captioner:
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
         model_inputs = self.model_inputs(pixel_values, tokens)
-        per_word, whole = word_targets(tokens)
-        layer = layer if layer is not None else self.default_layer
+        per_word, whole = word_targets(tokens, self.text_logits_from_end)
+        layer = self.resolve_layer(layer)
         pixel_method = method.lower() in PIXEL_METHODS
-        exp = mg.explain(self.model, model_inputs, per_word + [whole], layer, "gradcam" if pixel_method else method,
-                         counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                         **self.layer_options)
-        maps = exp.maps
-        guided = None
-        if pixel_method:
-            gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
-            guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
+        with self.forward_context():
+            exp = mg.explain(self.model, model_inputs, per_word + [whole], layer, "gradcam" if pixel_method else method,
+                             counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                             **self.layer_options)
+            maps = exp.maps
+            guided = None
+            if pixel_method:
+                gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
+                guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
         results = []
         for b, ((_, geometry), t) in enumerate(zip(prepared, tokens)):
             n = len(t.words)
@@ -250,15 +253,16 @@ class Captioner:
         return results
 
 
-def load(name: str | Path = "default", **kwargs: Any) -> Captioner:
-    """A captioner: "default" (shipped), a directory with a default-family model, or (with the
-    Hugging Face adapters) a model id or directory."""
-    from . import default
+def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
+         image_processor: Any = None, trust_remote_code: bool = False) -> Captioner:
+    """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
+    model id or save_pretrained directory (BLIP, GIT, VisionEncoderDecoder), or a transformers
+    model object with its processor. ``trust_remote_code`` stays off unless you turn it on."""
+    from . import default, hf
 
-    key = str(name)
-    if key == "default" or default.is_default_directory(key):
-        captioner = default.load_default_captioner(key)
-        captioner.name = key
+    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
+        captioner = default.load_default_captioner(name)
+        captioner.name = str(name)
         return captioner
-    raise ValueError(f"cannot load captioner {key!r}: expected 'default' or a directory holding a "
-                     "default-family model (config.json + model.safetensors)")
+    return hf.load_hf(name, "captioning", processor=processor, tokenizer=tokenizer, image_processor=image_processor,
+                      trust_remote_code=trust_remote_code)

@@ -57,42 +57,101 @@ def load_image(image: ImageLike, what: str = "image") -> Image.Image:
 
 
 @dataclass(frozen=True)
-class Letterbox:
-    """Resize the longer side to ``size`` keeping the aspect ratio, pad the rest to a square.
+class AxisAligned:
+    """A preprocessing that scales and shifts each axis (resize, crop, pad, letterbox).
 
-    ``invert`` takes maps on the model's square input back to the original image: the padding is
-    cut off and the content region resized to (H, W). Every original pixel is seen.
+    A model-input pixel at continuous coordinate p (pixel centers at i + 0.5) shows the original
+    image at ``scale * p + offset`` (per axis: y, x). ``invert`` samples maps on the model input at
+    every original pixel; original pixels the model never saw (outside a center crop) get 0 and
+    are False in ``seen()`` -- nothing is stretched over them.
     """
 
     original_size: tuple[int, int]  # (H, W)
-    size: int
+    input_size: tuple[int, int]  # (h, w) of the model input
+    scale: tuple[float, float]
+    offset: tuple[float, float]
+    valid_size: tuple[int, int] | None = None  # model-input region holding image (not padding)
 
-    @property
-    def content(self) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of the image inside the square model input."""
-        h, w = self.original_size
-        scale = self.size / max(h, w)
-        ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
-        return (self.size - ch) // 2, (self.size - cw) // 2, ch, cw
+    def _input_coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-input coordinates of every original pixel center, per axis."""
+        ys = (torch.arange(self.original_size[0], dtype=torch.float64) + 0.5 - self.offset[0]) / self.scale[0]
+        xs = (torch.arange(self.original_size[1], dtype=torch.float64) + 0.5 - self.offset[1]) / self.scale[1]
+        return ys, xs
+
+    def invert(self, maps: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) maps on the model input -> (..., H, W) on the original image."""
+        h, w = maps.shape[-2:]
+        if (h, w) != tuple(self.input_size):
+            maps = F.interpolate(maps.reshape(-1, 1, h, w).float(), size=tuple(self.input_size), mode="bilinear",
+                                 align_corners=False).reshape(*maps.shape[:-2], *self.input_size)
+        ys, xs = self._input_coordinates()
+        grid_y = (2 * ys / self.input_size[0] - 1).float()
+        grid_x = (2 * xs / self.input_size[1] - 1).float()
+        grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
+        lead = maps.shape[:-2]
+        flat = maps.reshape(-1, 1, *self.input_size).float()
+        sampled = F.grid_sample(flat, grid.expand(flat.shape[0], -1, -1, -1), mode="bilinear",
+                                padding_mode="border", align_corners=False)
+        out = sampled.reshape(*lead, *self.original_size)
+        return out * self.seen().to(out.dtype)
+
+    def seen(self) -> torch.Tensor:
+        """(H, W) bool: the original pixels that fall inside the model input's image region."""
+        ys, xs = self._input_coordinates()
+        limit_y, limit_x = self.valid_size or self.input_size
+        inside_y = (ys >= 0) & (ys <= limit_y)
+        inside_x = (xs >= 0) & (xs <= limit_x)
+        return inside_y[:, None] & inside_x[None, :]
+
+
+class Letterbox(AxisAligned):
+    """Resize the longer side to ``size`` keeping the aspect ratio and pad the rest to a square
+    (the default models' preprocessing). Every original pixel is seen."""
+
+    def __init__(self, original_size: tuple[int, int], size: int):
+        h, w = original_size
+        factor = size / max(h, w)
+        ch, cw = max(1, round(h * factor)), max(1, round(w * factor))
+        top, left = (size - ch) // 2, (size - cw) // 2
+        sy, sx = h / ch, w / cw
+        super().__init__((h, w), (size, size), (sy, sx), (-top * sy, -left * sx))
+        object.__setattr__(self, "content", (top, left, ch, cw))
 
     def apply(self, image: Image.Image, fill: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
         top, left, ch, cw = self.content
-        canvas = Image.new("RGB", (self.size, self.size), fill)
+        canvas = Image.new("RGB", (self.input_size[1], self.input_size[0]), fill)
         canvas.paste(image.resize((cw, ch), Image.Resampling.BILINEAR), (left, top))
         return canvas
 
-    def invert(self, maps: torch.Tensor) -> torch.Tensor:
-        """(..., size, size) maps on the model input -> (..., H, W) on the original image."""
-        top, left, ch, cw = self.content
-        crop = maps[..., top:top + ch, left:left + cw]
-        lead = crop.shape[:-2]
-        resized = F.interpolate(crop.reshape(-1, 1, ch, cw).float(), size=self.original_size,
-                                mode="bilinear", align_corners=False)
-        return resized.reshape(*lead, *self.original_size)
 
-    def seen(self) -> torch.Tensor:
-        """(H, W) bool: which original pixels the model saw (all of them for a letterbox)."""
-        return torch.ones(self.original_size, dtype=torch.bool)
+def probe_geometry(process, original_size: tuple[int, int]) -> AxisAligned:
+    """Measure an image processor's resize/crop/pad by passing coordinate ramps through it.
+
+    ``process(array)`` takes an (H, W, 3) float array and returns the (3, h, w) float tensor the
+    processor makes of it with rescaling and normalization off (plus, optionally, a (h, w) valid
+    mask). Channel 0 carries each pixel's x, channel 1 its y, channel 2 ones (zero where padded).
+    """
+    h, w = original_size
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = np.stack([xs + 0.5, ys + 0.5, np.ones_like(xs)], axis=-1)
+    processed = process(ramp)
+    inside = processed[2] > 0.5
+    rows = torch.nonzero(inside.any(dim=1)).flatten()
+    cols = torch.nonzero(inside.any(dim=0)).flatten()
+    valid = (int(rows.max()) + 1, int(cols.max()) + 1)
+
+    def fit(values: torch.Tensor) -> tuple[float, float]:
+        n = values.shape[0]
+        interior = slice(max(1, n // 10), max(2, n - n // 10))  # borders are clamped by the resampling
+        p = torch.arange(n, dtype=torch.float64)[interior] + 0.5
+        v = values.double()[interior]
+        slope = float(((p - p.mean()) * (v - v.mean())).sum() / ((p - p.mean()) ** 2).sum())
+        return slope, float(v.mean() - slope * p.mean())
+
+    sx, ox = fit(processed[0, int(rows[len(rows) // 2]), :valid[1]])
+    sy, oy = fit(processed[1, :valid[0], int(cols[len(cols) // 2])])
+    padded = valid != tuple(processed.shape[1:])
+    return AxisAligned((h, w), tuple(processed.shape[1:]), (sy, sx), (oy, ox), valid if padded else None)
 
 
 def to_tensor(image: Image.Image, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 
+from .common import Adapter
 from .geometry import ImageLike, load_image
 
 SCORES = ("logit", "logprob")
@@ -86,20 +87,13 @@ class VQAExplanation:
         return out
 
 
-class VQAModel:
+class VQAModel(Adapter):
     """What every VQA adapter provides; ``answer`` and ``explain`` are shared by all families.
 
     Subclasses set ``model``, ``default_layer`` (+ ``layer_reason``) and implement
     ``model_inputs(image, question) -> (inputs, geometry)``, ``answer_target(answer, score)``
     and ``answer_scores(image, question) -> (answers, probabilities)`` ranked.
     """
-
-    model: nn.Module
-    family: str = "?"
-    name: str = "?"
-    default_layer: str = ""
-    layer_reason: str = ""
-    layer_options: dict[str, Any] = {}
 
     def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Any]:
         raise NotImplementedError
@@ -109,6 +103,12 @@ class VQAModel:
 
     def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
         raise NotImplementedError
+
+    def targets_for(self, inputs: dict[str, torch.Tensor], answers: Sequence[str],
+                    score: str) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """The inputs for explaining ``answers`` and one target per answer (a generative model
+        adds the answers' tokens to the inputs)."""
+        return inputs, [self.answer_target(a, score) for a in answers]
 
     def answer(self, image: ImageLike, question: str, top_k: int = 5) -> list[tuple[str, float]]:
         """The ``top_k`` answers with their probabilities, best first."""
@@ -136,12 +136,13 @@ class VQAModel:
             answers = [answer] if isinstance(answer, str) else list(answer)
             if not answers:
                 raise ValueError("answer is an empty list: give at least one answer or None")
-        targets = [self.answer_target(a, score) for a in answers]
+        inputs, targets = self.targets_for(inputs, answers + ([contrast] if contrast is not None else []), score)
         if contrast is not None:
-            targets.append(Difference(targets[0], self.answer_target(contrast, score)))
-        layer = layer if layer is not None else self.default_layer
-        exp = mg.explain(self.model, inputs, targets, layer, method, counterfactual=counterfactual,
-                         batched=batched, image_key="pixel_values", **self.layer_options)
+            targets[-1] = Difference(targets[0], targets[-1])
+        with self.forward_context():
+            exp = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), method,
+                             counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                             **self.layer_options)
         maps = geometry.invert(exp.maps[:, 0])
         probabilities = self.answer_probabilities(inputs, answers)
         count = len(answers)
@@ -156,14 +157,16 @@ class VQAModel:
         raise NotImplementedError
 
 
-def load(name: str | Path = "default", **kwargs: Any) -> VQAModel:
-    """A VQA model: "default" (shipped) or a directory holding a default-family VQA model."""
-    from . import default
+def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
+         image_processor: Any = None, trust_remote_code: bool = False) -> VQAModel:
+    """A VQA model: "default" (shipped), a directory holding a default-family model, a Hugging Face
+    model id or save_pretrained directory (BLIP VQA, ViLT), or a transformers model object with its
+    processor. ``trust_remote_code`` stays off unless you turn it on."""
+    from . import default, hf
 
-    key = str(name)
-    if key == "default" or default.is_default_directory(key):
-        model = default.load_default_vqa(key)
-        model.name = key
+    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
+        model = default.load_default_vqa(name)
+        model.name = str(name)
         return model
-    raise ValueError(f"cannot load VQA model {key!r}: expected 'default' or a directory holding a "
-                     "default-family model (config.json + model.safetensors)")
+    return hf.load_hf(name, "vqa", processor=processor, tokenizer=tokenizer, image_processor=image_processor,
+                      trust_remote_code=trust_remote_code)

@@ -141,8 +141,10 @@ def test_bad_captions_get_clear_errors(captioner, image):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(ValueError, match="cannot load captioner"):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
         captioning.load(str(tmp_path / "nowhere"))
+    with pytest.raises(OSError, match="needs the hub"):
+        captioning.load("nobody/no-such-model")
     (tmp_path / "config.json").write_text('{"task": "captioning", "family": "default"}')
     (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
     with pytest.raises((ValueError, KeyError)):

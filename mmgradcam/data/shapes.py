@@ -123,7 +123,8 @@ def _sample_objects(rng: random.Random, size: int, max_objects: int) -> list[Sha
             continue
         if any(o.shape == shape and o.color == color and abs(o.radius - radius) < 1 for o in objects):
             continue
-        objects.append(ShapeObject(shape, color, cx, cy, radius, rng.uniform(0, 2 * math.pi)))
+        # upright shapes with a little jitter: a square turned 45 degrees would be a diamond
+        objects.append(ShapeObject(shape, color, cx, cy, radius, math.radians(rng.uniform(-12, 12))))
     return objects
 
 

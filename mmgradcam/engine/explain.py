@@ -14,7 +14,7 @@ from .explanation import Explanation
 from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
-from .layouts import Layout
+from .layouts import FunctionLayout, Layout
 from .state import preserved_state
 
 LayerSpec = nn.Module | str
@@ -46,7 +46,7 @@ def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Ta
 
 def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             layer: LayerSpec | Sequence[LayerSpec], method: str = "gradcam", *,
-            counterfactual: bool = False, layout: str = "auto", prefix_tokens: int | None = None,
+            counterfactual: bool = False, layout: Any = "auto", prefix_tokens: int | None = None,
             grid: tuple[int, int] | None = None, output_index: OutputIndex = None,
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
@@ -64,7 +64,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
         speaks against the target).
     layout / prefix_tokens / grid: how to read the layer output ("auto": 4-D is (B, C, h, w),
         3-D is tokens (B, N, C) with prefix tokens dropped and a square grid inferred;
-        "bhwc" for channels-last).
+        "bhwc" for channels-last; or a function ``(tensor, lead) -> (..., C, h, w)``).
     output_index: which element of a tuple / ModelOutput layer output to use (default: the first,
         or ``last_hidden_state``).
     batched: "auto" (batched backward, loop fallback), True or False.
@@ -76,7 +76,8 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     if not layer_list:
         raise ValueError("layer is an empty list; name at least one layer")
     layers = [resolve_layer(model, spec) for spec in layer_list]
-    base_layout = Layout(layout, prefix_tokens, grid)
+    base_layout = layout if isinstance(layout, (Layout, FunctionLayout)) else \
+        FunctionLayout(layout) if callable(layout) else Layout(layout, prefix_tokens, grid)
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
 
     activations, gradients, scores = forward_and_gradients(

@@ -87,3 +87,17 @@ class Layout:
             spatial = spatial.reshape(*spatial.shape[:lead], h, w, spatial.shape[-1])
             return spatial.movedim(-1, lead)
         raise RuntimeError("resolve() the layout before using it")
+
+
+@dataclass(frozen=True)
+class FunctionLayout:
+    """A layout given as a function ``(tensor, lead) -> (..., C, h, w)``, for token orders the
+    built-in layouts cannot express (ViLT's image tokens after the text, placed by patch index)."""
+
+    function: object
+
+    def resolve(self, activation: torch.Tensor) -> "FunctionLayout":
+        return self
+
+    def to_bchw(self, tensor: torch.Tensor, lead: int = 1) -> torch.Tensor:
+        return self.function(tensor, lead)

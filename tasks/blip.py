@@ -1,0 +1,176 @@
+"""BLIP (transformers): BlipForConditionalGeneration captioning and BlipForQuestionAnswering VQA.
+
+Preset layer: the vision encoder's last block. The text decoder cross-attends to every image
+token of its output, so the patch tokens there carry gradient (unlike a CLS-only classifier).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmgradcam.engine import preserved_state
+
+from .geometry import ImageLike, load_image
+from .hf import HFCaptioner, ProcessorGeometry, encoder_blocks, module_name
+from .vqa import VQAModel
+
+LAYER_REASON = "the vision encoder's last block: the text decoder cross-attends to all its patch tokens"
+
+
+class BlipCaptioner(HFCaptioner):
+    family = "blip"
+    layer_reason = LAYER_REASON
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "blip"):
+        super().__init__(model, tokenizer, image_processor, name)
+        self.default_layer = module_name(model, encoder_blocks(model.vision_model)[-1][1])
+        self.bos_id = int(model.config.text_config.bos_token_id)
+
+    def _max_tokens(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def prepare_ids(self, ids, offsets, special):
+        # BLIP decodes from [DEC] (the text config's BOS) in place of the tokenizer's [CLS]
+        if special and special[0]:
+            ids = [self.bos_id] + ids[1:]
+        else:
+            ids, offsets, special = [self.bos_id] + ids, [(0, 0)] + offsets, [True] + special
+        return ids, offsets, special
+
+
+# ----------------------------------------------------------------------------- VQA (generative)
+class BlipAnswerScorer(nn.Module):
+    """BLIP VQA as one differentiable forward: vision -> question encoder -> answer decoder.
+
+    ``BlipForQuestionAnswering.forward`` returns no logits, so this runs its three parts and
+    returns the decoder's logits (K, L, V) for K candidate answers, all reading one image and
+    one question (the image and question are encoded once)."""
+
+    def __init__(self, blip: nn.Module):
+        super().__init__()
+        self.blip = blip
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        image = self.blip.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        question = self.blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                          encoder_hidden_states=image, encoder_attention_mask=image_mask)[0]
+        count = answer_ids.shape[0]
+        decoded = self.blip.text_decoder(input_ids=answer_ids, attention_mask=answer_mask,
+                                         encoder_hidden_states=question.expand(count, -1, -1),
+                                         encoder_attention_mask=attention_mask.expand(count, -1))
+        return decoded.logits
+
+
+class AnswerRowLogProb:
+    """Target: sum of log p(answer token) over one candidate's tokens (row ``row`` of the
+    decoder batch), as a (1,) score for the one image."""
+
+    def __init__(self, row: int, positions: list[tuple[int, int]]):
+        self.row, self.positions = row, positions
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(logits[self.row].float(), dim=-1)
+        return sum(logprobs[pos, tok] for pos, tok in self.positions).reshape(1)
+
+
+class BlipVQA(VQAModel):
+    family = "blip"
+    layer_reason = LAYER_REASON
+    max_answer_tokens = 10
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "blip-vqa"):
+        self.blip = model.eval()
+        self.model = BlipAnswerScorer(self.blip).eval()
+        self.tokenizer = tokenizer
+        self.processor = ProcessorGeometry(image_processor)
+        self.name = name
+        self.default_layer = module_name(model, encoder_blocks(model.vision_model)[-1][1])
+        self.bos_id = int(model.config.text_config.bos_token_id)
+        self._generated: dict[str, list[int]] = {}
+
+    @property
+    def layer_root(self) -> nn.Module:
+        return self.blip
+
+    def model_inputs(self, image: ImageLike, question: str):
+        if not isinstance(question, str) or not any(c.isalnum() for c in question):
+            raise ValueError(f"question {question!r} is empty: it has no words")
+        pil = load_image(image)
+        text = self.tokenizer(question, return_tensors="pt", truncation=True,
+                              max_length=self.blip.config.text_config.max_position_embeddings)
+        ids = text["input_ids"][0]
+        unknown = self.tokenizer.unk_token_id
+        specials = torch.tensor(self.tokenizer.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True),
+                                dtype=torch.bool)
+        if unknown is not None and bool((ids[~specials] == unknown).all()):
+            raise ValueError(f"question {question!r} has only words the model's tokenizer does not know")
+        inputs = {"pixel_values": self.processor.pixels(pil)["pixel_values"], "input_ids": text["input_ids"],
+                  "attention_mask": text["attention_mask"]}
+        return inputs, self.processor.geometry((pil.height, pil.width))
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        """[DEC] answer tokens [SEP]; a generated candidate keeps the ids it was generated with
+        (decoding and re-tokenizing need not give the same tokens back)."""
+        if answer in self._generated:
+            return self._generated[answer]
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"answer {answer!r} is empty")
+        ids = self.tokenizer(answer)["input_ids"]
+        if self.tokenizer.unk_token_id in ids:
+            raise ValueError(f"answer {answer!r} has words the model's tokenizer does not know")
+        return [self.bos_id] + ids[1:]
+
+    def _answer_rows(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+        rows = [self._answer_ids(a) for a in answers]
+        specials = set(self.tokenizer.all_special_ids) | {self.bos_id}
+        positions = [[(t - 1, r[t]) for t in range(1, len(r)) if r[t] not in specials] for r in rows]
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        answer_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            answer_ids[i, :len(r)] = torch.tensor(r)
+            answer_mask[i, :len(r)] = 1
+        return answer_ids, answer_mask, positions
+
+    def targets_for(self, inputs, answers, score):
+        answer_ids, answer_mask, positions = self._answer_rows(answers)
+        return ({**inputs, "answer_ids": answer_ids, "answer_mask": answer_mask},
+                [AnswerRowLogProb(i, p) for i, p in enumerate(positions)])
+
+    def answer_target(self, answer: str, score: str = "logit"):
+        raise NotImplementedError("BLIP VQA targets depend on the candidate batch: use targets_for")
+
+    def answer_probabilities(self, inputs, answers: Sequence[str]) -> list[float]:
+        """exp(sum of the answer tokens' log-probabilities) for each answer."""
+        base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
+        full, targets = self.targets_for(base, answers, "logprob")
+        with torch.no_grad(), preserved_state(self.model):
+            logits = self.model(**full)
+        return [float(torch.exp(t(logits))) for t in targets]
+
+    def ranked_answers(self, inputs, top_k: int) -> list[tuple[str, float]]:
+        """Beam-searched candidate answers, ranked by their teacher-forced probability."""
+        base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
+        beams = max(top_k, 1)
+        with torch.no_grad(), preserved_state(self.blip):
+            ids = self.blip.generate(input_ids=base["input_ids"], attention_mask=base["attention_mask"],
+                                     pixel_values=base["pixel_values"], num_beams=beams, num_return_sequences=beams,
+                                     max_new_tokens=self.max_answer_tokens)
+        specials = set(self.tokenizer.all_special_ids) | {self.bos_id}
+        for row in ids.tolist():
+            content = [i for i in row if i not in specials]
+            text = self.tokenizer.decode(content).strip()
+            if text and text not in self._generated:
+                self._generated[text] = [self.bos_id] + content + [self.tokenizer.sep_token_id]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        candidates = list(dict.fromkeys(t for t in texts if t and t in self._generated))
+        if not candidates:
+            return []
+        scored = zip(candidates, self.answer_probabilities(base, candidates))
+        return sorted(scored, key=lambda pair: pair[1], reverse=True)[:top_k]

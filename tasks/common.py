@@ -1,0 +1,37 @@
+"""What captioning and VQA adapters share."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import nn
+
+from mmgradcam.engine import resolve_layer
+
+
+class Adapter:
+    """Layer handling shared by every task adapter.
+
+    ``model`` is what the engine runs; ``layer_root`` is the module layer names are relative to:
+    the user's model, also when ``model`` wraps it (BLIP VQA's answer scorer)."""
+
+    model: nn.Module
+    family: str = "?"
+    name: str = "?"
+    default_layer: str = ""
+    layer_reason: str = ""
+    layer_options: dict[str, Any] = {}
+
+    @property
+    def layer_root(self) -> nn.Module:
+        return self.model
+
+    def resolve_layer(self, layer: nn.Module | str | None) -> nn.Module | str:
+        layer = layer if layer is not None else self.default_layer
+        if isinstance(layer, str) and self.layer_root is not self.model:
+            return resolve_layer(self.layer_root, layer)[1]
+        return layer
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Entered around every forward the adapter makes (ViLT records its patch index)."""
+        return contextlib.nullcontext()

@@ -1,0 +1,35 @@
+"""VisionEncoderDecoderModel (transformers): a ViT or Swin encoder with a GPT-2 style decoder.
+
+Preset layer: the encoder's last block; the decoder cross-attends to every encoder token.
+Captions are fed as ``decoder_input_ids`` after the decoder start token.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .hf import HFCaptioner, encoder_blocks, module_name
+
+
+class VisionEncoderDecoderCaptioner(HFCaptioner):
+    family = "vit_gpt2"
+    layer_reason = "the encoder's last block: the decoder cross-attends to all its tokens"
+    input_key = "decoder_input_ids"
+    mask_key = "decoder_attention_mask"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "vit-gpt2"):
+        super().__init__(model, tokenizer, image_processor, name)
+        self.default_layer = module_name(model, encoder_blocks(model.encoder)[-1][1])
+        start = model.config.decoder_start_token_id
+        self.start_id = int(start if start is not None else tokenizer.bos_token_id)
+        # Swin encoders end on a (B, h*w, C) token map with no CLS: the engine's layout infers it
+        if getattr(model.config.encoder, "model_type", "") == "swin":
+            self.layer_options = {"prefix_tokens": 0}
+
+    def _max_tokens(self) -> int:
+        return int(getattr(self.model.config.decoder, "n_positions", None)
+                   or getattr(self.model.config.decoder, "max_position_embeddings", 1024))
+
+    def prepare_ids(self, ids, offsets, special):
+        return [self.start_id] + ids, [(0, 0)] + offsets, [True] + special
