@@ -10,12 +10,14 @@ from pathlib import Path
 from . import __version__
 
 
-def _write_outputs(out: Path, summary: dict, arrays: dict) -> None:
+def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(summary, indent=1))
     np.savez_compressed(out / "maps.npz", **arrays)
+    if image is not None and not (out / "image.png").is_file():
+        image.save(out / "image.png")
 
 
 def _print_caption(result) -> None:
@@ -31,24 +33,54 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     from .tasks.geometry import load_image
 
     pil = load_image(image, what="IMAGE")
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     captioner = captioning.load(args.model)
-    result = captioner.explain(pil, caption=args.caption, method=args.method, layer=args.layer,
+    result = captioner.explain(pil, caption=args.caption, method=methods[0], layer=args.layer,
                                counterfactual=args.counterfactual, beam_size=args.beam)
+    arrays = result.arrays()
+    arrays[f"maps@{methods[0]}"] = arrays["maps"]
+    for method in methods[1:]:  # the same caption, other methods (for the report's method switch)
+        other = captioner.explain(pil, caption=result.caption, method=method, layer=args.layer,
+                                  counterfactual=args.counterfactual)
+        arrays[f"maps@{method}"] = other.maps.numpy()
+    summary = {**result.summary(), "methods": methods}
+    if args.panels:
+        from .report.figures import word_panels
+
+        guided = captioner.explain(pil, caption=result.caption, method="guided-gradcam", layer=args.layer)
+        against = captioner.explain(pil, caption=result.caption, method=methods[0], layer=args.layer,
+                                    counterfactual=not args.counterfactual)
+        print(f"wrote {word_panels(pil, result.words, result.maps, guided.guided_maps, against.maps, out / 'panels.png', args.formats)}")
     _print_caption(result)
-    _write_outputs(out, result.summary(), result.arrays())
-    figure = caption_figure(pil, result, out / "caption.png", common_scale=args.common_scale)
+    _write_outputs(out, summary, arrays, pil)
+    figure = caption_figure(pil, result, out / "caption.png", common_scale=args.common_scale,
+                            formats=args.formats)
     print(f"wrote {figure}, {out / 'result.json'}, {out / 'maps.npz'}")
+    if args.html:
+        _write_html(out, args.common_scale)
     return result
+
+
+def _write_html(out: Path, common_scale: bool = False) -> None:
+    from .report.build import build_report
+
+    print(f"wrote {build_report(out, common_scale=common_scale)}")
 
 
 def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--model", default="default", help="'default', a model directory (or HF id)")
     parser.add_argument("--method", default="gradcam",
-                        help="gradcam, gradcam++, hirescam, xgradcam, layercam or guided-gradcam")
+                        help="gradcam, gradcam++, hirescam, xgradcam, layercam or guided-gradcam; "
+                             "several separated by commas (the report gets a method switch)")
     parser.add_argument("--layer", default=None, help="dotted layer name (default: the model's preset)")
     parser.add_argument("--counterfactual", action="store_true", help="maps of what speaks against each word")
     parser.add_argument("--beam", type=int, default=1, help="beam size when generating the caption")
     parser.add_argument("--common-scale", action="store_true", help="one color scale for all words")
+    parser.add_argument("--html", action="store_true", help="also write the interactive report.html")
+    parser.add_argument("--panels", action="store_true",
+                        help="also write panels.png: Grad-CAM, Guided Grad-CAM and counterfactual per word")
+    parser.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[],
+                        help="also save the figures as svg/pdf (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
 
 
@@ -70,10 +102,19 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     print(f"Q: {args.question}")
     for answer, probability in result.top_answers[:max(args.top_k, 1)]:
         print(f"  {answer:<10} {probability:6.3f}")
-    _write_outputs(args.out, result.summary(), result.arrays())
-    figure = vqa_figure(pil, result, args.out / "vqa.png", common_scale=args.common_scale)
+    _write_outputs(args.out, result.summary(), result.arrays(), pil)
+    figure = vqa_figure(pil, result, args.out / "vqa.png", common_scale=args.common_scale, formats=args.formats)
     print(f"explained: {', '.join(result.answers)}" + (f" (against {args.contrast})" if args.contrast else ""))
     print(f"wrote {figure}, {args.out / 'result.json'}, {args.out / 'maps.npz'}")
+    if args.html:
+        _write_html(args.out, args.common_scale)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.build import build_report
+
+    print(f"wrote {build_report(args.result_dir, common_scale=args.common_scale)}")
     return 0
 
 
@@ -117,6 +158,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(config, progress=not args.quiet)
     if summary is not None:
         print((Path(args.out) / "summary.md").read_text())
+        if args.html:
+            _write_html(Path(args.out))
     return 0
 
 
@@ -159,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--layer", default=None)
     ask.add_argument("--counterfactual", action="store_true", help="why not: negated gradients")
     ask.add_argument("--common-scale", action="store_true")
+    ask.add_argument("--html", action="store_true", help="also write the interactive report.html")
+    ask.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[])
     ask.add_argument("--out", type=Path, default=Path("out/vqa"))
     ask.set_defaults(func=cmd_vqa)
 
@@ -186,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--faithfulness-images", type=int, default=0, help="deletion/insertion AUCs on N images")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser("report", help="write report.html for a caption, vqa or eval result directory")
+    report.add_argument("result_dir", type=Path)
+    report.add_argument("--common-scale", action="store_true")
+    report.set_defaults(func=cmd_report)
 
     shapes = commands.add_parser("make-shapes", help="write a shapes-world data set (COCO format)")
     shapes.add_argument("--out", type=Path, required=True)

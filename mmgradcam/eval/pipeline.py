@@ -137,6 +137,7 @@ class Evaluation:
         self.questions = self._load_questions() if config.questions else {}
         self._captioner = None
         self._vqa = None
+        self._batch_maps: dict[str, np.ndarray] = {}
 
     # models are loaded lazily so a finished run can be re-summarized without them
     @property
@@ -265,7 +266,31 @@ class Evaluation:
         for image_id, pil in loaded:
             for question in self.questions.get(image_id, []):
                 lines += self._score_question(k, image_id, pil, question)
+        self._save_maps(k)
         return lines
+
+    def _keep_map(self, key: str, heatmap: np.ndarray) -> None:
+        """Keep a small copy (longest side 64 px, float16) of a scored map for reports."""
+        import torch
+        import torch.nn.functional as F
+
+        h, w = heatmap.shape
+        factor = min(1.0, 64 / max(h, w))
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        small = F.interpolate(torch.from_numpy(np.asarray(heatmap, dtype=np.float32))[None, None], size=size,
+                              mode="area")[0, 0].numpy()
+        self._batch_maps[key] = small.astype(np.float16)
+
+    def _save_maps(self, k: int) -> None:
+        """Write the batch's small maps (before its lines, so a resumed batch rewrites the same file)."""
+        if not self._batch_maps:
+            return
+        directory = self.out / "maps"
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"batch{k:06d}.tmp.npz"
+        np.savez_compressed(tmp, **self._batch_maps)
+        tmp.replace(directory / f"batch{k:06d}.npz")
+        self._batch_maps = {}
 
     def _score_caption(self, k: int, image_id: int, source: str, result, masks) -> list[dict]:
         by_category, by_color = masks
@@ -276,6 +301,7 @@ class Evaluation:
                 continue  # no instance of the word's category (or color) in this image: not scored
             heatmap = result.maps[mapped.index].numpy()
             scores = _scores_with_baselines(heatmap, mask, _word_seed(self.config.seed, image_id, source, mapped.index))
+            self._keep_map(f"{image_id}/{source}/{mapped.index}", heatmap)
             lines.append({"kind": "word", "batch": k, "image_id": image_id, "source": source,
                           "caption": result.caption, "word_index": mapped.index, "word": mapped.word,
                           "class": mapped.word_class, "target": mapped.target,
@@ -296,6 +322,7 @@ class Evaluation:
         truth = question.get("multiple_choice_answer")
         scores = _scores_with_baselines(result.map.numpy(), mask,
                                         _word_seed(self.config.seed, image_id, "vqa", int(question["question_id"])))
+        self._keep_map(f"{image_id}/vqa/{question['question_id']}", result.map.numpy())
         return [{"kind": "answer", "batch": k, "image_id": image_id, "question_id": question["question_id"],
                  "question": question["question"], "question_type": question.get("question_type", ""),
                  "answer": result.answer, "truth": truth, "correct": result.answer == truth, **scores}]

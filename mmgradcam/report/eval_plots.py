@@ -50,3 +50,64 @@ def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def plot_categories(summary: dict, out: Path, metric: str = "pointing_15px") -> list[Path]:
+    """Per-category bars of ``metric`` with 95% CI whiskers, model beside the center baseline."""
+    written = []
+    for source, categories in summary.get("per_category", {}).items():
+        names = sorted(categories)
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 3.8))
+        x = np.arange(len(names))
+        for offset, (who, color) in zip((-0.2, 0.2), (("model", "tab:red"), ("center", "tab:gray"))):
+            stats = np.array([categories[n][metric][who] for n in names])
+            ax.bar(x + offset, stats[:, 0], 0.4, color=color, label=who,
+                   yerr=[stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]], capsize=3)
+        ax.set_xticks(x, [f"{n}\n(n={categories[n]['n']})" for n in names], fontsize=7, rotation=45, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per category ({source} captions), 95% bootstrap CIs", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"categories_{source}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_gallery(lines: list[dict], maps: dict[str, np.ndarray], images: dict[int, "object"],
+                 masks: dict[tuple[int, str], np.ndarray], out: Path, count: int = 6,
+                 metric: str = "energy") -> Path | None:
+    """The best and worst scored words by ``metric``: image, map, and the mask outline."""
+    from PIL import Image
+
+    words = [line for line in lines if line["kind"] == "word"
+             and f"{line['image_id']}/{line['source']}/{line['word_index']}" in maps and line["image_id"] in images]
+    if not words:
+        return None
+    ranked = sorted(words, key=lambda line: line["model"][metric])
+    chosen = [("worst", w) for w in ranked[:count]] + [("best", w) for w in ranked[::-1][:count]]
+    fig, axes = plt.subplots(2, count, figsize=(2.4 * count, 5.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, (kind, line) in enumerate(chosen):
+        ax = axes[0 if kind == "best" else 1, n % count]
+        image = images[line["image_id"]]
+        small = maps[f"{line['image_id']}/{line['source']}/{line['word_index']}"].astype(np.float32)
+        heat = np.asarray(Image.fromarray(small).resize(image.size, Image.Resampling.BILINEAR))
+        ax.imshow(image)
+        ax.imshow(heat, cmap="jet", alpha=0.5)
+        mask = masks.get((line["image_id"], line["target"]))
+        if mask is not None:
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+        ax.set_title(f"{kind}: {line['word']} ({metric} {line['model'][metric]:.2f})", fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gallery_{metric}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -31,8 +31,11 @@ def overlay(ax, image: Image.Image | np.ndarray, heatmap: torch.Tensor | np.ndar
 
 
 def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequence[str], path: str | Path,
-             suptitle: str = "", common_scale: bool = False, columns: int = 6, dpi: int = 110) -> Path:
-    """The image, then one overlay per map; ``common_scale`` puts every map on one color scale."""
+             suptitle: str = "", common_scale: bool = False, columns: int = 6, dpi: int = 150,
+             formats: Sequence[str] = ()) -> Path:
+    """The image, then one overlay per map; ``common_scale`` puts every map on one color scale.
+
+    Saved as PNG at ``path`` (150 dpi) and, for each of ``formats`` ("svg", "pdf"), beside it."""
     count = len(titles) + 1
     cols = min(columns, count)
     rows = math.ceil(count / cols)
@@ -56,18 +59,23 @@ def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequen
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    for fmt in formats:
+        if fmt != path.suffix.lstrip("."):
+            fig.savefig(path.with_suffix("." + fmt), bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def caption_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False) -> Path:
+def caption_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False,
+                   formats: Sequence[str] = ()) -> Path:
     """Per-word grid for a CaptionExplanation: each word with its log-probability as the title."""
     titles = [f"{w}  ({lp:.2f})" for w, lp in zip(result.words, result.word_logprobs)]
     suptitle = f"\u201c{result.caption}\u201d  \u2014 {result.method}"
-    return map_grid(image, result.maps, titles, path, suptitle=suptitle, common_scale=common_scale)
+    return map_grid(image, result.maps, titles, path, suptitle=suptitle, common_scale=common_scale, formats=formats)
 
 
-def vqa_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False) -> Path:
+def vqa_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False,
+               formats: Sequence[str] = ()) -> Path:
     """The image and one map per explained answer (and the contrast map), the question as title."""
     titles = [f"{'why not ' if result.counterfactual else ''}{a}  (p={p:.2f})"
               for a, p in zip(result.answers, result.probabilities)]
@@ -75,4 +83,29 @@ def vqa_figure(image: Image.Image | np.ndarray, result, path: str | Path, common
     if result.contrast_map is not None:
         titles.append(f"{result.answers[0]} rather than {result.contrast}")
         maps = torch.cat([maps, result.contrast_map[None]])
-    return map_grid(image, maps, titles, path, suptitle=f"Q: {result.question}", common_scale=common_scale)
+    return map_grid(image, maps, titles, path, suptitle=f"Q: {result.question}", common_scale=common_scale,
+                    formats=formats)
+
+
+def word_panels(image: Image.Image | np.ndarray, words: Sequence[str], gradcam: torch.Tensor,
+                guided: torch.Tensor, counterfactual: torch.Tensor, path: str | Path,
+                formats: Sequence[str] = ()) -> Path:
+    """One row per word: Grad-CAM, Guided Grad-CAM (gray, pixel detail) and the counterfactual map."""
+    rows = len(words)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.2, 2.5 * rows), squeeze=False)
+    for row, word in enumerate(words):
+        overlay(axes[row, 0], image, gradcam[row], f"{word}: Grad-CAM")
+        detail = guided[row].detach().cpu().numpy()
+        axes[row, 1].imshow(detail / detail.max() if detail.max() > 0 else detail, cmap="gray")
+        axes[row, 1].set_title(f"{word}: Guided Grad-CAM", fontsize=9)
+        axes[row, 1].axis("off")
+        overlay(axes[row, 2], image, counterfactual[row], f"{word}: counterfactual", cmap="viridis")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    for fmt in formats:
+        if fmt != "png":
+            fig.savefig(path.with_suffix("." + fmt), bbox_inches="tight")
+    plt.close(fig)
+    return path

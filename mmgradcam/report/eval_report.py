@@ -1,0 +1,122 @@
+"""Reports of an eval run directory: figures (categories, best/worst gallery) and the HTML page."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .html import _page, esc, heatmap_uri, png_data_uri
+
+MAX_IMAGE_VIEWS = 120
+
+
+def read_run(out: Path) -> tuple[dict, dict, list[dict], dict[str, np.ndarray]]:
+    summary = json.loads((out / "summary.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    maps: dict[str, np.ndarray] = {}
+    for path in sorted((out / "maps").glob("batch*.npz")) if (out / "maps").is_dir() else []:
+        with np.load(path) as archive:
+            maps.update({key: archive[key] for key in archive.files})
+    return summary, run, lines, maps
+
+
+def _images_and_masks(run: dict, image_ids: set[int]):
+    from mmgradcam.eval.coco import CocoData
+    from mmgradcam.tasks.geometry import load_image
+
+    data = CocoData.load(run["instances"], run["images"])
+    images, masks = {}, {}
+    for image_id in sorted(image_ids):
+        if image_id not in data.images:
+            continue
+        try:
+            image = load_image(data.images[image_id]["path"])
+        except (OSError, ValueError):
+            continue
+        images[image_id] = image
+        by_category, by_color, _ = data.target_masks(image_id, image.height, image.width)
+        masks.update({(image_id, name): mask for name, mask in {**by_category, **by_color}.items()})
+    return images, masks
+
+
+def eval_figures(out: Path) -> list[Path]:
+    from .eval_plots import plot_categories, plot_gallery
+
+    summary, run, lines, maps = read_run(out)
+    written = plot_categories(summary, out / "plots")
+    words = [line for line in lines if line["kind"] == "word"]
+    ranked = sorted(words, key=lambda line: line["model"]["energy"])
+    ids = {line["image_id"] for line in ranked[:6] + ranked[-6:]}
+    images, masks = _images_and_masks(run, ids)
+    gallery = plot_gallery(lines, maps, images, masks, out / "plots")
+    return written + ([gallery] if gallery else [])
+
+
+def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
+    """A sortable table of every scored word (and answer) linking to views of the images."""
+    summary, run, lines, maps = read_run(out)
+    scored = [line for line in lines if line["kind"] in ("word", "answer")]
+    # image views for the best and worst scored items first, up to max_images images
+    ranked = sorted(scored, key=lambda line: line["model"]["energy"])
+    chosen: list[int] = []
+    for line in [x for pair in zip(ranked, ranked[::-1]) for x in pair]:
+        if line["image_id"] not in chosen and len(chosen) < max_images:
+            chosen.append(line["image_id"])
+    images, _ = _images_and_masks(run, set(chosen))
+    views, sections = {}, []
+    for image_id in chosen:
+        if image_id not in images:
+            continue
+        image = images[image_id]
+        image.thumbnail((256, 256))
+        items = [line for line in scored if line["image_id"] == image_id]
+        keys = [f"{image_id}/{line.get('source', 'vqa')}/{line.get('word_index', line.get('question_id'))}" for line in items]
+        items = [(line, key) for line, key in zip(items, keys) if key in maps]
+        if not items:
+            continue
+        labels = [f"{line.get('word', line.get('answer'))} [{line.get('source', 'vqa')}] "
+                  f"energy {line['model']['energy']:.2f}" for line, _ in items]
+        views[str(image_id)] = {"maps": {"map": [heatmap_uri(maps[key].astype(np.float32)) for _, key in items]},
+                                "methods": ["map"], "labels": labels}
+        buttons = "".join(f'<button class="word" data-index="{k}">{esc(line.get("word", line.get("answer")))}</button>'
+                          for k, (line, _) in enumerate(items))
+        caption = esc(items[0][0].get("caption", items[0][0].get("question", "")))
+        sections.append(
+            f'<section class="image" id="image-{image_id}"><h3>image {image_id}</h3><p>{caption}</p>'
+            f'<div data-view="{image_id}"><div class="buttons">{buttons}</div>'
+            f'<p class="muted">showing: <span class="shown"></span></p>'
+            f'<div class="view"><img class="base" alt="image" src="{png_data_uri(image)}" style="width:{image.width}px;height:{image.height}px">'
+            f'<img class="overlay" alt="map" src="" style="opacity:0.5;width:{image.width}px;height:{image.height}px"></div>'
+            f'<p><label>opacity <input class="opacity" type="range" min="0" max="100" value="50"></label></p></div></section>')
+    linked = {int(s) for s in views}
+    rows = []
+    for line in scored:
+        link = f'<a href="#image-{line["image_id"]}">{line["image_id"]}</a>' if line["image_id"] in linked \
+            else str(line["image_id"])
+        word = line.get("word", line.get("answer", ""))
+        rows.append("<tr>" + f'<td data-value="{line["image_id"]}">{link}</td>'
+                    f"<td>{esc(word)}</td><td>{esc(line.get('class', 'answer'))}</td>"
+                    f"<td>{esc(line.get('target', line.get('question_type', '')))}</td>"
+                    + "".join(f'<td data-value="{line[who][m]:.4f}">{line[who][m]:.3f}</td>'
+                              for who, m in (("model", "pointing_15px"), ("model", "energy"), ("model", "iou_15"),
+                                             ("center", "energy"), ("random", "energy"))) + "</tr>")
+    table = ("<table class='sortable' id='words'><thead><tr><th>image</th><th>word / answer</th><th>class</th>"
+             "<th>category</th><th>pointing 15px</th><th>energy</th><th>IoU@15%</th><th>center energy</th>"
+             "<th>random energy</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    category_rows = []
+    for source, categories in summary.get("per_category", {}).items():
+        for key, agg in categories.items():
+            p, e = agg["pointing_15px"]["model"], agg["energy"]["model"]
+            category_rows.append(f"<tr><td>{esc(source)}</td><td>{esc(key)}</td><td data-value='{agg['n']}'>{agg['n']}</td>"
+                                 f"<td data-value='{p[0]:.4f}'>{100 * p[0]:.1f} [{100 * p[1]:.1f}, {100 * p[2]:.1f}]</td>"
+                                 f"<td data-value='{e[0]:.4f}'>{100 * e[0]:.1f} [{100 * e[1]:.1f}, {100 * e[2]:.1f}]</td></tr>")
+    categories = ("<table class='sortable' id='categories'><thead><tr><th>captions</th><th>category</th><th>n</th>"
+                  "<th>pointing 15px (95% CI)</th><th>energy (95% CI)</th></tr></thead><tbody>"
+                  + "".join(category_rows) + "</tbody></table>")
+    body = (f"<h1>Evaluation</h1><p>{summary['images']} images, {summary['words_scored']} scored words, "
+            f"{summary['answers_scored']} scored answers, model {esc(run.get('model'))}, method {esc(run.get('method'))}."
+            f" Click a column header to sort; image ids link to their views.</p><h2>Categories</h2>{categories}"
+            f"<h2>Scored words and answers</h2>{table}<h2>Images</h2>{''.join(sections)}")
+    return _page("mmgradcam evaluation", body, {"views": views}, (256, 256))
