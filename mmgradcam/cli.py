@@ -44,6 +44,13 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
                                   counterfactual=args.counterfactual)
         arrays[f"maps@{method}"] = other.maps.numpy()
     summary = {**result.summary(), "methods": methods}
+    if args.explain_text:
+        from .eval.dissect import explain_text
+
+        texts = explain_text(captioner, result.words, result.alphas, args.layer)
+        summary["textual_explanations"] = texts
+        for text in texts:
+            print(text["sentence"])
     if args.panels:
         from .report.figures import word_panels
 
@@ -77,6 +84,8 @@ def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--beam", type=int, default=1, help="beam size when generating the caption")
     parser.add_argument("--common-scale", action="store_true", help="one color scale for all words")
     parser.add_argument("--html", action="store_true", help="also write the interactive report.html")
+    parser.add_argument("--explain-text", action="store_true",
+                        help="name the channels each word rests on (Network Dissection on the shapes world)")
     parser.add_argument("--panels", action="store_true",
                         help="also write panels.png: Grad-CAM, Guided Grad-CAM and counterfactual per word")
     parser.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[],
@@ -102,12 +111,146 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     print(f"Q: {args.question}")
     for answer, probability in result.top_answers[:max(args.top_k, 1)]:
         print(f"  {answer:<10} {probability:6.3f}")
-    _write_outputs(args.out, result.summary(), result.arrays(), pil)
+    summary = result.summary()
+    if args.explain_text:
+        from .eval.dissect import explain_text
+
+        summary["textual_explanations"] = explain_text(model, result.answers, result.alphas, args.layer)
+        for text in summary["textual_explanations"]:
+            print(text["sentence"])
+    _write_outputs(args.out, summary, result.arrays(), pil)
     figure = vqa_figure(pil, result, args.out / "vqa.png", common_scale=args.common_scale, formats=args.formats)
     print(f"explained: {', '.join(result.answers)}" + (f" (against {args.contrast})" if args.contrast else ""))
     print(f"wrote {figure}, {args.out / 'result.json'}, {args.out / 'maps.npz'}")
     if args.html:
         _write_html(args.out, args.common_scale)
+    return 0
+
+
+def _mask_for(args: argparse.Namespace, image_path: Path, words: list[str]):
+    """The union mask of what ``words`` name in IMAGE, when --instances describes that image."""
+    if not args.instances:
+        return None
+    import numpy as np
+
+    from .eval.coco import CocoData
+    from .eval.words import WordMapper
+
+    data = CocoData.load(args.instances, Path(args.images) if args.images else image_path.parent)
+    matches = [i for i, info in data.images.items() if Path(info["file_name"]).name == image_path.name]
+    if not matches:
+        raise ValueError(f"--instances has no image named {image_path.name!r}")
+    info = data.images[matches[0]]
+    from .tasks.geometry import load_image
+
+    pil = load_image(image_path)
+    by_category, by_color, _ = data.target_masks(matches[0], pil.height, pil.width)
+    mapper = WordMapper(data.categories.values(), data.colors)
+    masks = [(by_category if m.word_class == "noun" else by_color).get(m.target) for m in mapper.map(words)]
+    masks = [m for m in masks if m is not None]
+    del info
+    return np.any(masks, axis=0) if masks else None
+
+
+def cmd_adversarial(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .eval.adversarial import attack_caption_word, attack_vqa_answer
+    from .report.figures import adversarial_figure
+    from .tasks.geometry import load_image
+
+    pil = load_image(args.image, what="IMAGE")
+    eps = args.eps / 255
+    if args.question:
+        from .tasks import vqa
+
+        model = vqa.load(args.model)
+        answer = args.answer or model.answer(pil, args.question, top_k=1)[0][0]
+        mask = _mask_for(args, Path(args.image), args.question.split())
+        result = attack_vqa_answer(model, pil, args.question, answer, args.to, eps=eps, steps=args.steps, mask=mask)
+        subject = f"answer {answer!r} -> {args.to!r}"
+    else:
+        from .tasks import captioning
+
+        captioner = captioning.load(args.model)
+        caption = args.caption or captioner.generate(pil)
+        if not args.word:
+            raise ValueError("name the caption word to change with --word (or a --question for VQA)")
+        mask = _mask_for(args, Path(args.image), [args.word])
+        result = attack_caption_word(captioner, pil, caption, args.word, args.to, eps=eps, steps=args.steps, mask=mask)
+        result["caption"] = caption
+        subject = f"word {args.word!r} -> {args.to!r} in {caption!r}"
+    arrays = result.pop("_arrays")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    np.savez_compressed(args.out / "maps.npz", **arrays)
+    figure = adversarial_figure(arrays, result, args.out / "adversarial.png")
+    print(f"attack on {subject}: {'flipped' if result['flipped'] else 'not flipped'} after {result['steps']} steps, "
+          f"L-inf {result['linf_pixels'] * 255:.1f}/255")
+    maps = result["maps"]
+    if "original" in maps:
+        print(f"map of the original {'answer' if args.question else 'word'} vs the object's mask: energy "
+              f"{maps['original']['energy']:.2f} -> {maps['adversarial']['energy']:.2f}, pointing "
+              f"{maps['original']['pointing_15px']:.0f} -> {maps['adversarial']['pointing_15px']:.0f}")
+    print(f"rank correlation of the two maps: {maps['spearman']}")
+    print(f"wrote {figure}, {args.out / 'result.json'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report.figures import map_grid
+    from .tasks import captioning
+    from .tasks.geometry import load_image
+
+    pil = load_image(args.image, what="IMAGE")
+    first, second = captioning.load(args.model_a), captioning.load(args.model_b)
+    caption = args.caption or first.generate(pil)
+    print(f"{args.model_a}: {first.generate(pil)}\n{args.model_b}: {second.generate(pil)}\nexplaining: {caption}")
+    results = [m.explain(pil, caption, method=args.method) for m in (first, second)]
+    words = results[0].words
+    chosen = [j for j, w in enumerate(words) if not args.word or w in args.word]
+    if not chosen:
+        raise ValueError(f"--word {args.word} not in the caption {caption!r}")
+    maps = torch.cat([torch.stack([r.maps[j] for j in chosen]) for r in results])
+    titles = [f"{name}: {words[j]}" for name in ("A", "B") for j in chosen]
+    path = map_grid(pil, maps, titles, args.out / "compare.png", suptitle=f"A = {args.model_a}, B = {args.model_b}",
+                    columns=len(chosen) + 1)
+    summary = {"caption": caption, "models": [args.model_a, args.model_b],
+               "words": [{"word": words[j], "A": r0.summary()["words"][j], "B": r1.summary()["words"][j]}
+                         for j in chosen for r0, r1 in [results]]}
+    (args.out / "result.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_dissect(args: argparse.Namespace) -> int:
+    from .eval.coco import CocoData
+    from .eval.dissect import dissect
+
+    if args.vqa:
+        from .tasks import vqa
+
+        adapter = vqa.load(args.model)
+    else:
+        from .tasks import captioning
+
+        adapter = captioning.load(args.model)
+    data = CocoData.load(args.instances, args.images)
+    ids = sorted(data.images)[:args.limit] if args.limit else sorted(data.images)
+    result = dissect(adapter, data, ids, args.layer, quantile=args.quantile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dissection.json").write_text(json.dumps(result, indent=1))
+    from collections import Counter
+
+    named = [c for c in result["channels"] if c["iou"] >= args.min_iou]
+    print(f"layer {result['layer']}: {len(result['channels'])} channels over {result['images']} images; "
+          f"{len(named)} with IoU >= {args.min_iou}")
+    for concept, count in Counter(c["concept"] for c in named).most_common():
+        best = max(c["iou"] for c in named if c["concept"] == concept)
+        print(f"  {concept:<10} {count:4d} channels (best IoU {best:.2f})")
+    print(f"wrote {args.out / 'dissection.json'}")
     return 0
 
 
@@ -203,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--counterfactual", action="store_true", help="why not: negated gradients")
     ask.add_argument("--common-scale", action="store_true")
     ask.add_argument("--html", action="store_true", help="also write the interactive report.html")
+    ask.add_argument("--explain-text", action="store_true", help="name the channels each answer rests on")
     ask.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[])
     ask.add_argument("--out", type=Path, default=Path("out/vqa"))
     ask.set_defaults(func=cmd_vqa)
@@ -234,6 +378,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.set_defaults(func=cmd_eval)
+
+    dissection = commands.add_parser("dissect", help="name a layer's channels by the concepts they detect")
+    dissection.add_argument("--instances", type=Path, required=True)
+    dissection.add_argument("--images", type=Path, required=True)
+    dissection.add_argument("--model", default="default")
+    dissection.add_argument("--vqa", action="store_true", help="dissect the VQA model (default: the captioner)")
+    dissection.add_argument("--layer", default=None)
+    dissection.add_argument("--limit", type=int, default=None)
+    dissection.add_argument("--quantile", type=float, default=0.99)
+    dissection.add_argument("--min-iou", type=float, default=0.04)
+    dissection.add_argument("--out", type=Path, default=Path("out/dissect"))
+    dissection.set_defaults(func=cmd_dissect)
+
+    attack = commands.add_parser("adversarial", help="targeted PGD on a caption word or VQA answer, then maps")
+    attack.add_argument("image")
+    attack.add_argument("--word", default=None, help="caption word to change")
+    attack.add_argument("--caption", default=None, help="caption (default: the model's own)")
+    attack.add_argument("--question", default=None, help="attack a VQA answer to this question instead")
+    attack.add_argument("--answer", default=None, help="the answer to change (default: the model's top answer)")
+    attack.add_argument("--to", required=True, help="the word / answer the attack aims for")
+    attack.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in grey levels (of 255)")
+    attack.add_argument("--steps", type=int, default=40)
+    attack.add_argument("--model", default="default")
+    attack.add_argument("--instances", type=Path, default=None, help="COCO instances describing IMAGE (for scoring)")
+    attack.add_argument("--images", type=Path, default=None)
+    attack.add_argument("--out", type=Path, default=Path("out/adversarial"))
+    attack.set_defaults(func=cmd_adversarial)
+
+    compare = commands.add_parser("compare", help="two captioners' word maps side by side on one image")
+    compare.add_argument("model_a")
+    compare.add_argument("model_b")
+    compare.add_argument("image")
+    compare.add_argument("--caption", default=None, help="caption to explain (default: model A's)")
+    compare.add_argument("--word", action="append", default=[], help="only these words (repeatable)")
+    compare.add_argument("--method", default="gradcam")
+    compare.add_argument("--out", type=Path, default=Path("out/compare"))
+    compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="write report.html for a caption, vqa or eval result directory")
     report.add_argument("result_dir", type=Path)

@@ -97,6 +97,10 @@ class BlipVQA(VQAModel):
     def layer_root(self) -> nn.Module:
         return self.blip
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        return self.processor.normalization
+
     def model_inputs(self, image: ImageLike, question: str):
         if not isinstance(question, str) or not any(c.isalnum() for c in question):
             raise ValueError(f"question {question!r} is empty: it has no words")

@@ -36,6 +36,11 @@ class CaptionTokens:
     words: list[str]
     word_positions: list[list[tuple[int, int]]]
     extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    text: str = ""
+
+
+def join_caption(tokens: CaptionTokens) -> str:
+    return tokens.text or " ".join(tokens.words)
 
 
 class LogSoftmaxCache:
@@ -112,6 +117,7 @@ class CaptionExplanation:
     model: str
     counterfactual: bool = False
     guided_maps: torch.Tensor | None = None
+    alphas: torch.Tensor | None = None  # (n_words, C): Grad-CAM channel weights (mean gradient)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -225,6 +231,13 @@ class Captioner(Adapter):
         tokens = [self.tokenize(c) for c in captions]
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
+        return self.explain_pixels(pixel_values, tokens, [g for _, g in prepared], method=method, layer=layer,
+                                   counterfactual=counterfactual, batched=batched)
+
+    def explain_pixels(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens], geometries: Sequence[Any],
+                       method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
+                       batched: bool | str = "auto") -> list[CaptionExplanation]:
+        """``explain_batch`` on already preprocessed pixels (e.g. an adversarial image)."""
         model_inputs = self.model_inputs(pixel_values, tokens)
         per_word, whole = word_targets(tokens, self.text_logits_from_end)
         layer = self.resolve_layer(layer)
@@ -239,16 +252,17 @@ class Captioner(Adapter):
                 gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
                 guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
         results = []
-        for b, ((_, geometry), t) in enumerate(zip(prepared, tokens)):
+        for b, (geometry, t) in enumerate(zip(geometries, tokens)):
             n = len(t.words)
             image_maps = geometry.invert(maps[:, b])
             scores = exp.scores[:, b].tolist()
             results.append(CaptionExplanation(
-                caption=captions[b], words=t.words, word_logprobs=scores[:n], caption_logprob=scores[-1],
+                caption=join_caption(t), words=t.words, word_logprobs=scores[:n], caption_logprob=scores[-1],
                 maps=image_maps[:n], layer_maps=exp.layer_maps[:n, b], caption_map=image_maps[-1],
                 seen=geometry.seen(), method=method.lower() if pixel_method else exp.method, layer=exp.layer_name,
                 model=self.name, counterfactual=counterfactual,
                 guided_maps=geometry.invert(guided[:n, b]) if guided is not None else None,
+                alphas=exp.gradients[:n, b].mean(dim=(-2, -1)),
             ))
         return results
 

@@ -32,6 +32,11 @@ class Adapter:
             return resolve_layer(self.layer_root, layer)[1]
         return layer
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) mapping [0, 1] pixels to the model's input values."""
+        return [0.5] * 3, [0.25] * 3  # the default models (geometry.to_tensor)
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Entered around every forward the adapter makes (ViLT records its patch index)."""
         return contextlib.nullcontext()

@@ -190,7 +190,7 @@ class DefaultCaptioner(Captioner):
         # the logit at position i predicts input token i + 1
         words = [(t, [(i, ids[i])]) for i, t in enumerate(tokens) if is_word(t)]
         return CaptionTokens(input_ids=input_ids, words=[w for w, _ in words],
-                             word_positions=[p for _, p in words], extra_inputs={})
+                             word_positions=[p for _, p in words], extra_inputs={}, text=caption)
 
     @property
     def pad_id(self) -> int:

@@ -1,6 +1,7 @@
 """Image loading, preprocessing and its inversion, so maps come back at the original image size."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -13,21 +14,47 @@ from PIL import Image, ImageOps
 ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 
+MAX_SIDE = 4096  # larger images are decoded reduced (maps are then at this size, with a warning)
+
+
+def _open_reduced(path: Path) -> Image.Image:
+    """Open an image file, decoding very large ones at a reduced size to bound memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+        opened.info["original_size"] = opened.size
+        if max(opened.size) > MAX_SIDE:
+            if opened.format == "JPEG":
+                opened.draft("RGB", (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4 or 1/8 scale
+            opened.load()
+            if max(opened.size) > MAX_SIDE:
+                factor = int(np.ceil(max(opened.size) / MAX_SIDE))
+                opened = opened.reduce(factor)
+        else:
+            opened.load()
+        return opened
+
+
 def load_image(image: ImageLike, what: str = "image") -> Image.Image:
     """An RGB PIL image from a path, PIL image, (H, W[, C]) uint8/float array or (C, H, W) tensor.
 
-    EXIF orientation is applied so maps line up with what a person sees.
+    EXIF orientation is applied so maps line up with what a person sees; transparency is
+    composited on white; 16-bit, palette, grayscale and CMYK images are converted to RGB; images
+    larger than MAX_SIDE are decoded reduced (with a warning: maps are then at the reduced size).
     """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                pil = ImageOps.exif_transpose(opened)
-        except (OSError, SyntaxError, ValueError) as error:
+            opened = _open_reduced(path)
+            original = opened.info.get("original_size", opened.size)
+            pil = ImageOps.exif_transpose(opened)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"{what}: {str(path)!r} is not a readable image ({error})") from None
+        if pil.size != original and sorted(pil.size) != sorted(original):
+            warnings.warn(f"{what}: {original[0]}x{original[1]} pixels decoded at {pil.width}x{pil.height} to "
+                          "bound memory; maps are at that size", stacklevel=2)
     elif isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, torch.Tensor):
@@ -37,22 +64,26 @@ def load_image(image: ImageLike, what: str = "image") -> Image.Image:
         return load_image(array.numpy(), what)
     elif isinstance(image, np.ndarray):
         array = image
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or 0 in array.shape:
+            raise ValueError(f"{what}: expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {image.shape}")
         if array.dtype != np.uint8:
             array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-            raise ValueError(f"{what}: expected an (H, W), (H, W, 3) or (H, W, 4) array, got {image.shape}")
         pil = Image.fromarray(array)
     else:
         raise TypeError(f"{what}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    if pil.width < 1 or pil.height < 1:
+        raise ValueError(f"{what}: the image is empty ({pil.width}x{pil.height})")
     if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
         background = Image.new("RGB", pil.size, (255, 255, 255))
-        background.paste(pil.convert("RGBA"), mask=pil.convert("RGBA").split()[-1])
+        background.paste(rgba, mask=rgba.split()[-1])
         return background
-    if pil.mode == "I;16" or pil.mode == "I":
+    if pil.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(pil, dtype=np.float64)
-        pil = Image.fromarray((255 * array / max(array.max(), 1)).astype(np.uint8))
+        top = array.max()
+        pil = Image.fromarray((255 * array / top if top > 0 else array).astype(np.uint8))
     return pil.convert("RGB")
 
 

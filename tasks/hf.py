@@ -90,6 +90,15 @@ class ProcessorGeometry:
         self.image_processor = image_processor
         self._cache: dict[tuple[int, int], AxisAligned] = {}
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        processor = self.image_processor
+        if not getattr(processor, "do_normalize", True):
+            return [0.0] * 3, [1.0] * 3
+        mean, std = getattr(processor, "image_mean", 0.0), getattr(processor, "image_std", 1.0)
+        as_list = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * 3  # noqa: E731
+        return as_list(mean), as_list(std)
+
     def pixels(self, image) -> dict[str, torch.Tensor]:
         return dict(self.image_processor(images=image, return_tensors="pt"))
 
@@ -128,6 +137,10 @@ class HFCaptioner(Captioner):
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        return self.processor.normalization
+
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], AxisAligned]:
         pil = load_image(image)
         return self.processor.pixels(pil), self.processor.geometry((pil.height, pil.width))
@@ -151,7 +164,7 @@ class HFCaptioner(Captioner):
         positions = [[(t - 1, ids[t]) for t in tokens if t >= 1] for tokens in token_lists]
         input_ids = torch.tensor([ids])
         return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions,
-                             extra_inputs={self.mask_key: torch.ones_like(input_ids)})
+                             extra_inputs={self.mask_key: torch.ones_like(input_ids)}, text=caption)
 
     def model_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         batch = self.collate(tokens)

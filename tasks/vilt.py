@@ -101,6 +101,10 @@ class ViltVQA(VQAModel):
         grid = grid.scatter(-2, expanded, image)  # a padded (repeated) patch lands on an existing cell
         return grid.reshape(*shape[:-2], h, w, shape[-1]).movedim(-1, lead)
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        return self.processor.normalization
+
     def model_inputs(self, image: ImageLike, question: str):
         if not isinstance(question, str) or not question.strip() or not any(c.isalnum() for c in question):
             raise ValueError(f"question {question!r} is empty: it has no words")

@@ -54,6 +54,7 @@ class VQAExplanation:
     contrast: str | None = None
     contrast_map: torch.Tensor | None = None  # (H, W): answers[0] against ``contrast``
     top_answers: list[tuple[str, float]] | None = None
+    alphas: torch.Tensor | None = None  # (K, C): Grad-CAM channel weights (mean gradient)
 
     @property
     def answer(self) -> str:
@@ -126,9 +127,18 @@ class VQAModel(Adapter):
         counterfactual: negated gradients, "why not this answer". contrast: also the map of the
         first answer's score minus ``contrast``'s.
         """
+        inputs, geometry = self.model_inputs(load_image(image), question)
+        return self.explain_inputs(inputs, geometry, question, answer, method=method, counterfactual=counterfactual,
+                                   contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
+
+    def explain_inputs(self, inputs: dict[str, torch.Tensor], geometry: Any, question: str,
+                       answer: str | Sequence[str] | None = None, method: str = "gradcam",
+                       counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
+                       score: str = "logit", layer: nn.Module | str | None = None,
+                       batched: bool | str = "auto") -> VQAExplanation:
+        """``explain`` on already prepared model inputs (e.g. an adversarial image)."""
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        inputs, geometry = self.model_inputs(load_image(image), question)
         top = self.ranked_answers(inputs, max(top_k, 5))
         if answer is None:
             answers = [a for a, _ in top[:top_k]]
@@ -151,6 +161,7 @@ class VQAModel(Adapter):
             maps=maps[:count], layer_maps=exp.layer_maps[:count, 0], seen=geometry.seen(), method=exp.method,
             layer=exp.layer_name, model=self.name, score_kind=score, counterfactual=counterfactual,
             contrast=contrast, contrast_map=maps[count] if contrast is not None else None, top_answers=top,
+            alphas=exp.gradients[:count, 0].mean(dim=(-2, -1)),
         )
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:

@@ -109,3 +109,34 @@ def word_panels(image: Image.Image | np.ndarray, words: Sequence[str], gradcam: 
             fig.savefig(path.with_suffix("." + fmt), bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def adversarial_figure(arrays: dict, result: dict, path: str | Path) -> Path:
+    """Original input and map, adversarial input and the ORIGINAL word's map on it, the perturbation."""
+    def to_image(x: np.ndarray) -> np.ndarray:
+        x = np.transpose(x, (1, 2, 0))
+        return (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
+
+    original, adversarial = to_image(arrays["original_input"]), to_image(arrays["adversarial_input"])
+    subject = result.get("word", result.get("answer"))
+    fig, axes = plt.subplots(1, 5, figsize=(13, 2.9))
+    axes[0].imshow(original)
+    axes[0].set_title("original", fontsize=9)
+    heat = np.asarray(Image.fromarray(arrays["original_map"].astype(np.float32)).resize(original.shape[1::-1]))
+    overlay(axes[1], original, heat, f"map of {subject!r}")
+    axes[2].imshow(adversarial)
+    axes[2].set_title(f"adversarial ({'flipped' if result['flipped'] else 'not flipped'} to {result['target']!r})",
+                      fontsize=9)
+    heat = np.asarray(Image.fromarray(arrays["adversarial_map"].astype(np.float32)).resize(original.shape[1::-1]))
+    overlay(axes[3], adversarial, heat, f"map of {subject!r} on it")
+    delta = np.abs(arrays["adversarial_input"] - arrays["original_input"]).max(axis=0)
+    axes[4].imshow(delta, cmap="magma")
+    axes[4].set_title(f"|perturbation| (L-inf {result['linf_pixels'] * 255:.0f}/255)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
