@@ -126,6 +126,18 @@ class CaptionExplanation:
     def normalized(self) -> torch.Tensor:
         return mg.normalize_maps(self.maps)
 
+    def word_map(self, word: int | str) -> torch.Tensor:
+        """The (H, W) map of a word given by its index or (first occurrence of) the word itself."""
+        if isinstance(word, str):
+            lowered = [w.lower() for w in self.words]
+            if word.lower() not in lowered:
+                raise KeyError(f"word {word!r} is not in the caption {self.caption!r} (words: {', '.join(self.words)})")
+            return self.maps[lowered.index(word.lower())]
+        if not isinstance(word, int) or not -len(self.words) <= word < len(self.words):
+            raise IndexError(f"word index {word!r} is out of range: the caption has {len(self.words)} words "
+                             f"(0..{len(self.words) - 1})")
+        return self.maps[word]
+
     def summary(self) -> dict:
         """JSON-ready: caption, words, log-probs and per-word map statistics."""
         words = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,15 +43,19 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
         state = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a safetensors file ({error})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match the model its config describes: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{path} does not match the model its config describes: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
-    mismatched = [k for k, v in state.items() if model.state_dict()[k].shape != v.shape]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+                  if expected[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{path}: tensors with the wrong shape for the config: {mismatched[:5]}")
+        raise ValueError(f"{path}: tensors with the wrong shape for the config: {mismatched[:3]}")
+    model.load_state_dict(state)
     return model
 
 
@@ -60,6 +63,3 @@ def packaged(name: str) -> Path:
     """The directory of a model shipped inside the package (tasks/weights/<name>)."""
     return PACKAGE_WEIGHTS / name
 
-
-def torch_dtype_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.state_dict().values() if isinstance(p, torch.Tensor))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -42,12 +43,20 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum()) / float(union) if union else 0.0
 
 
-def _box_mask(shape: tuple[int, int], region: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(region)
-    box = np.zeros(shape, dtype=bool)
-    if len(ys):
-        box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
-    return box
+def _box(region: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1), exclusive ends, of a boolean region; None when it is empty."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    inter_h = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_w = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_h * inter_w
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
 
 
 def box_iou(heatmap: np.ndarray, mask: np.ndarray, fraction: float = THRESHOLD) -> float:
@@ -55,39 +64,54 @@ def box_iou(heatmap: np.ndarray, mask: np.ndarray, fraction: float = THRESHOLD) 
     around the mask (union of the category's instances)."""
     region = threshold_region(heatmap, fraction)
     labels, count = ndimage.label(region)
-    if count == 0:
+    mask_box = _box(mask)
+    if count == 0 or mask_box is None:
         return 0.0
-    sizes = ndimage.sum(region, labels, index=range(1, count + 1))
-    largest = labels == (int(np.argmax(sizes)) + 1)
-    return iou(_box_mask(mask.shape, largest), _box_mask(mask.shape, mask))
+    largest = labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1
+    return _box_iou(_box(largest), mask_box)
 
 
-def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANCE_PX) -> dict[str, float]:
-    """All word-level metrics of one map against one mask."""
+def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANCE_PX,
+              distance_to_mask: np.ndarray | None = None) -> dict[str, float]:
+    """All word-level metrics of one map against one mask (pass ``distance_to_mask`` to reuse it)."""
     heatmap = np.asarray(heatmap, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if heatmap.shape != mask.shape:
         raise ValueError(f"map shape {heatmap.shape} differs from mask shape {mask.shape}")
-    distance = ndimage.distance_transform_edt(~mask) if tolerance > 0 else None
+    if tolerance > 0 and distance_to_mask is None:
+        distance_to_mask = ndimage.distance_transform_edt(~mask)
+    box = box_iou(heatmap, mask)
     return {
         "pointing_0px": float(pointing_hit(heatmap, mask, 0)),
-        "pointing_15px": float(pointing_hit(heatmap, mask, tolerance, distance)),
+        "pointing_15px": float(pointing_hit(heatmap, mask, tolerance, distance_to_mask)),
         "energy": energy_inside(heatmap, mask),
         "iou_15": iou(threshold_region(heatmap), mask),
-        "box_iou": box_iou(heatmap, mask),
-        "box_correct": float(box_iou(heatmap, mask) >= 0.5),
+        "box_iou": box,
+        "box_correct": float(box >= 0.5),
     }
+
+
+def score_maps(heatmaps: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """``score_map`` for several maps of one mask (the model's and the baselines'), sharing the
+    mask's distance transform."""
+    mask = np.asarray(mask, dtype=bool)
+    distance = ndimage.distance_transform_edt(~mask)
+    return {name: score_map(heatmap, mask, distance_to_mask=distance) for name, heatmap in heatmaps.items()}
 
 
 METRICS = ("pointing_0px", "pointing_15px", "energy", "iou_15", "box_iou", "box_correct")
 
 
+@lru_cache(maxsize=32)
 def center_gaussian(shape: tuple[int, int], sigma_fraction: float = 0.25) -> np.ndarray:
-    """The center baseline: a Gaussian at the image center, sigma a fraction of each side."""
+    """The center baseline: a Gaussian at the image center, sigma a fraction of each side
+    (cached per shape; the array is read-only)."""
     h, w = shape
     ys = (np.arange(h) - (h - 1) / 2) / (sigma_fraction * h)
     xs = (np.arange(w) - (w - 1) / 2) / (sigma_fraction * w)
-    return np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+    gaussian = np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+    gaussian.setflags(write=False)
+    return gaussian
 
 
 def uniform_random(shape: tuple[int, int], seed: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .coco import CocoData, Skip, read_json
-from .metrics import METRICS, center_gaussian, score_map, uniform_random
+from .metrics import METRICS, center_gaussian, score_maps, uniform_random
 from .words import WordMapper, load_synonyms
 
 RESULTS = "results.jsonl"
@@ -110,11 +110,8 @@ def _append(path: Path, lines: list[dict], batch: int) -> None:
 
 # ----------------------------------------------------------------------------- scoring
 def _scores_with_baselines(heatmap: np.ndarray, mask: np.ndarray, seed: int) -> dict:
-    return {
-        "model": score_map(heatmap, mask),
-        "center": score_map(center_gaussian(mask.shape), mask),
-        "random": score_map(uniform_random(mask.shape, seed), mask),
-    }
+    return score_maps({"model": heatmap, "center": center_gaussian(mask.shape),
+                       "random": uniform_random(mask.shape, seed)}, mask)
 
 
 def _word_seed(seed: int, image_id: int, source: str, index: int) -> int:
