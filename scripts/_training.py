@@ -10,7 +10,59 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmgradcam.data.shapes import ensure_split
+from mmgradcam.tasks import checkpoints
 from mmgradcam.tasks.geometry import to_tensor
+
+
+def common_arguments(parser, out: str, steps: int) -> None:
+    """The options both training scripts take."""
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--num-train", type=int, default=8000)
+    parser.add_argument("--num-val", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    parser.add_argument("--ship", action="store_true", help="copy the result into the package (tasks/weights)")
+
+
+def prepare_splits(args, bias: dict[str, str] | None = None) -> list[str]:
+    """Seed everything and write the train/val/test splits if missing; returns the eval splits."""
+    import random
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    ensure_split(args.data, "train", args.num_train, seed=args.seed, bias=bias)
+    ensure_split(args.data, "val", args.num_val, seed=args.seed)
+    if args.num_test:
+        ensure_split(args.data, "test", args.num_test, seed=args.seed)
+    return ["val"] + (["test"] if args.num_test else [])
+
+
+def finish(model: nn.Module, config: dict, report: dict, args, shipped_name: str) -> None:
+    """Save the model (safetensors + config) and the report; with --ship, copy both into the package."""
+    import json
+    import shutil
+
+    final = checkpoints.save_model(model, config, args.out / "model")
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    log_line(args.out, json.dumps(report))
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "examples"} for k, r in report.items()}))
+    if args.ship:
+        target = checkpoints.packaged(shipped_name)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (checkpoints.WEIGHTS, checkpoints.CONFIG):
+            shutil.copy(final / name, target / name)
+        (target / "report.json").write_text(json.dumps(report, indent=1))
+        print(f"shipped to {target}")
 
 
 def load_images(split: dict) -> tuple[torch.Tensor, list[int]]:

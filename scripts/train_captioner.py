@@ -10,23 +10,18 @@ config.json; --ship copies it into the package (tasks/weights/captioner).
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmgradcam.data.shapes import ensure_split, image_objects, read_split
+from mmgradcam.data.shapes import image_objects, read_split
 from mmgradcam.eval.caption_quality import bleu4, names_every_object, names_every_shape
-from mmgradcam.tasks import checkpoints
 from mmgradcam.tasks.default import DefaultCaptioner, build_caption_model
 from mmgradcam.tasks.text import Vocabulary, split_words
 
-from _training import load_images, log_line, train_loop
+from _training import common_arguments, finish, load_images, prepare_splits, train_loop
 
 IMAGE_SIZE = 128
 
@@ -72,34 +67,15 @@ def evaluate(captioner: DefaultCaptioner, split: dict, pixels: torch.Tensor, ids
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--out", type=Path, default=Path("runs/captioner"))
-    parser.add_argument("--num-train", type=int, default=8000)
-    parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1600)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
+    common_arguments(parser, "runs/captioner", steps=1600)
     parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--bias", default=None, help='confounded training split, e.g. "circle=red"')
-    parser.add_argument("--ship", action="store_true", help="copy the result into tasks/weights/captioner")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
     bias = dict(item.split("=") for item in args.bias.split(",")) if args.bias else None
-    ensure_split(args.data, "train", args.num_train, seed=args.seed, bias=bias)
-    ensure_split(args.data, "val", args.num_val, seed=args.seed)
-    if args.num_test:
-        ensure_split(args.data, "test", args.num_test, seed=args.seed)
-    train, val = read_split(args.data, "train"), read_split(args.data, "val")
+    splits = prepare_splits(args, bias)
+    train = read_split(args.data, "train")
     vocab = Vocabulary.build(a["caption"] for a in train["captions"]["annotations"])
     config = {"task": "captioning", "family": "default", "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // 8,
               "dim": args.dim, "layers": args.layers, "heads": args.heads, "max_tokens": args.max_tokens,
@@ -119,25 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
     train_loop(model, loss_fn, len(ids), steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
                seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
-    final = args.out / "model"
-    checkpoints.save_model(model, config, final)
     captioner = DefaultCaptioner(model, config)
-    val_pixels, val_ids = load_images(val)
-    report = {"val": evaluate(captioner, val, val_pixels, val_ids, args.eval_limit)}
-    if args.num_test:
-        test = read_split(args.data, "test")
-        test_pixels, test_ids = load_images(test)
-        report["test"] = evaluate(captioner, test, test_pixels, test_ids, args.eval_limit)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    log_line(args.out, json.dumps(report, indent=1))
-    print(json.dumps({k: {m: v for m, v in r.items() if m != "examples"} for k, r in report.items()}))
-    if args.ship:
-        target = checkpoints.packaged("captioner")
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (checkpoints.WEIGHTS, checkpoints.CONFIG):
-            shutil.copy(final / name, target / name)
-        (target / "report.json").write_text(json.dumps(report, indent=1))
-        print(f"shipped to {target}")
+    report = {}
+    for name in splits:
+        split = read_split(args.data, name)
+        split_pixels, split_ids = load_images(split)
+        report[name] = evaluate(captioner, split, split_pixels, split_ids, args.eval_limit)
+    finish(model, config, report, args, "captioner")
     return 0
 
 

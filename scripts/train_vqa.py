@@ -9,22 +9,17 @@ baseline. Resumable like train_captioner.py; --ship copies the model into tasks/
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import shutil
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmgradcam.data.shapes import ensure_split, read_split
-from mmgradcam.tasks import checkpoints
+from mmgradcam.data.shapes import read_split
 from mmgradcam.tasks.default import build_vqa_model
 from mmgradcam.tasks.text import Vocabulary, split_words
 
-from _training import load_images, log_line, train_loop
+from _training import common_arguments, finish, load_images, prepare_splits, train_loop
 
 IMAGE_SIZE = 128
 
@@ -67,30 +62,11 @@ def evaluate(model, pixels: torch.Tensor, table: dict, blank: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--out", type=Path, default=Path("runs/vqa"))
-    parser.add_argument("--num-train", type=int, default=8000)
-    parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    common_arguments(parser, "runs/vqa", steps=1500)
     parser.add_argument("--blank-images", action="store_true", help="question-only baseline")
-    parser.add_argument("--ship", action="store_true", help="copy the result into tasks/weights/vqa")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    ensure_split(args.data, "train", args.num_train, seed=args.seed)
-    ensure_split(args.data, "val", args.num_val, seed=args.seed)
-    if args.num_test:
-        ensure_split(args.data, "test", args.num_test, seed=args.seed)
+    splits = prepare_splits(args)
     train = read_split(args.data, "train")
     vocab = Vocabulary.build(q["question"] for q in train["questions"]["questions"])
     answer_list = sorted({a["multiple_choice_answer"] for a in train["answers"]["annotations"]})
@@ -112,24 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 
     train_loop(model, loss_fn, len(table["answer"]), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                out=args.out, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
-    final = args.out / "model"
-    checkpoints.save_model(model, config, final)
     report = {}
-    for split_name in ["val"] + (["test"] if args.num_test else []):
+    for split_name in splits:
         split = read_split(args.data, split_name)
         split_pixels, split_ids = load_images(split)
         report[split_name] = evaluate(model, split_pixels, question_table(split, split_ids, vocab, answers),
                                       args.blank_images)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    log_line(args.out, json.dumps(report))
-    print(json.dumps(report))
-    if args.ship:
-        target = checkpoints.packaged("vqa")
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (checkpoints.WEIGHTS, checkpoints.CONFIG):
-            shutil.copy(final / name, target / name)
-        (target / "report.json").write_text(json.dumps(report, indent=1))
-        print(f"shipped to {target}")
+    finish(model, config, report, args, "vqa")
     return 0
 
 

@@ -287,7 +287,7 @@ def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tok
     from . import default, hf
 
     if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
-        captioner = default.load_default_captioner(name)
+        captioner = default.load_default("captioning", name)
         captioner.name = str(name)
         return captioner
     return hf.load_hf(name, "captioning", processor=processor, tokenizer=tokenizer, image_processor=image_processor,

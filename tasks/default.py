@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -23,22 +21,22 @@ from .text import Vocabulary, is_word, join_words, split_words
 
 
 class ShapesEncoder(nn.Module):
-    """A ResNet trunk (torchvision BasicBlocks) of stride 8: a 128 px image gives a 16x16 grid.
+    """A small ResNet trunk (torchvision BasicBlocks) of stride 8 and a limited receptive field.
 
-    The stem reduces by 4 (conv + max-pool, as in ResNet), layer2 by 2 more, and layer3 keeps the
-    resolution, so the explained layer ``layer3`` is the last one and each map cell is 8 px.
+    A 128 px image gives a 16x16 grid at ``layer2``, the explained layer. The stem "patchifies"
+    (4x4 convolution, stride 4) and two BasicBlocks follow, so each grid cell sees about 44 px:
+    enough for one object (20-55 px), too little to summarize the whole image. With a receptive
+    field larger than the image (as in a deep ResNet), background cells can carry a summary of
+    everything and the decoder reads them like register tokens; the word maps then land on
+    background instead of on the named object.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int, int] = (1, 2, 2)):
+    def __init__(self, widths: tuple[int, int] = (48, 128)):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
-        )
-        self.layer1 = self._stage(widths[0], widths[0], blocks[0], stride=1)
-        self.layer2 = self._stage(widths[0], widths[1], blocks[1], stride=2)
-        self.layer3 = self._stage(widths[1], widths[2], blocks[2], stride=1)
-        self.out_channels = widths[2]
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.layer1 = self._stage(32, widths[0], 1, stride=1)
+        self.layer2 = self._stage(widths[0], widths[1], 1, stride=2)
+        self.out_channels = widths[1]
 
     @staticmethod
     def _stage(inplanes: int, planes: int, count: int, stride: int) -> nn.Sequential:
@@ -50,7 +48,7 @@ class ShapesEncoder(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.layer3(self.layer2(self.layer1(self.stem(pixel_values))))
+        return self.layer2(self.layer1(self.stem(pixel_values)))
 
 
 class GridTokens(nn.Module):
@@ -155,7 +153,7 @@ class DefaultCaptioner(Captioner):
     """The shipped shapes-world captioner (or one trained by scripts/train_captioner.py)."""
 
     family = "default"
-    default_layer = "encoder.layer3"
+    default_layer = "encoder.layer2"
     layer_reason = "the trunk's last stage: a 16x16 grid the decoder cross-attends to"
 
     def __init__(self, model: CaptionNet, config: dict):
@@ -164,15 +162,6 @@ class DefaultCaptioner(Captioner):
         self.vocab = Vocabulary(config["vocabulary"])
         self.image_size = int(config["image_size"])
         self.max_tokens = model.max_tokens
-
-    @classmethod
-    def from_directory(cls, directory: str | Path) -> "DefaultCaptioner":
-        config = checkpoints.read_config(directory)
-        if config.get("task") != "captioning" or config.get("family") != cls.family:
-            raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
-                             f"{config.get('family')!r}, not a default captioner")
-        model = checkpoints.load_weights(build_caption_model(config), directory)
-        return cls(model, config)
 
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Letterbox]:
         pil = load_image(image)
@@ -225,21 +214,6 @@ def is_default_directory(path: str | Path) -> bool:
         return False
 
 
-def load_default_captioner(name: str | Path = "default") -> DefaultCaptioner:
-    directory = checkpoints.packaged("captioner") if str(name) == "default" else Path(name)
-    if str(name) == "default" and not (directory / checkpoints.WEIGHTS).is_file():
-        raise FileNotFoundError(
-            "the shipped default captioner is missing from the package (tasks/weights/captioner); "
-            "reinstall, or train one with scripts/train_captioner.py"
-        )
-    return DefaultCaptioner.from_directory(directory)
-
-
-def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """Preprocess a shapes-world image the same way as the adapters (used by the training scripts)."""
-    return to_tensor(Letterbox((image.height, image.width), size).apply(image))
-
-
 # ----------------------------------------------------------------------------- VQA
 class AnswerNet(nn.Module):
     """Encoder + question tokens that self-attend and attend over the 16x16 image regions
@@ -286,7 +260,7 @@ class DefaultVQA(VQAModel):
     """The shipped shapes-world VQA model (or one trained by scripts/train_vqa.py)."""
 
     family = "default"
-    default_layer = "encoder.layer3"
+    default_layer = "encoder.layer2"
     layer_reason = "the trunk's last stage: the 16x16 regions the question tokens attend over"
 
     def __init__(self, model: AnswerNet, config: dict):
@@ -296,14 +270,6 @@ class DefaultVQA(VQAModel):
         self.answers = list(config["answers"])
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.image_size = int(config["image_size"])
-
-    @classmethod
-    def from_directory(cls, directory: str | Path) -> "DefaultVQA":
-        config = checkpoints.read_config(directory)
-        if config.get("task") != "vqa" or config.get("family") != cls.family:
-            raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
-                             f"{config.get('family')!r}, not a default VQA model")
-        return cls(checkpoints.load_weights(build_vqa_model(config), directory), config)
 
     def encode_question(self, question: str) -> torch.Tensor:
         if not isinstance(question, str):
@@ -351,11 +317,19 @@ class DefaultVQA(VQAModel):
         return [float(probabilities[self._index(a)]) for a in answers]
 
 
-def load_default_vqa(name: str | Path = "default") -> DefaultVQA:
-    directory = checkpoints.packaged("vqa") if str(name) == "default" else Path(name)
+def load_default(task: str, name: str | Path = "default") -> DefaultCaptioner | DefaultVQA:
+    """A default-family captioner (task "captioning") or VQA model ("vqa"): the shipped one for
+    "default", else the model directory ``name``."""
+    shipped, adapter, build, script = {
+        "captioning": ("captioner", DefaultCaptioner, build_caption_model, "train_captioner.py"),
+        "vqa": ("vqa", DefaultVQA, build_vqa_model, "train_vqa.py"),
+    }[task]
+    directory = checkpoints.packaged(shipped) if str(name) == "default" else Path(name)
     if str(name) == "default" and not (directory / checkpoints.WEIGHTS).is_file():
-        raise FileNotFoundError(
-            "the shipped default VQA model is missing from the package (tasks/weights/vqa); "
-            "reinstall, or train one with scripts/train_vqa.py"
-        )
-    return DefaultVQA.from_directory(directory)
+        raise FileNotFoundError(f"the shipped default {task} model is missing from the package "
+                                f"(tasks/weights/{shipped}); reinstall, or train one with scripts/{script}")
+    config = checkpoints.read_config(directory)
+    if config.get("task") != task or config.get("family") != "default":
+        raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
+                         f"{config.get('family')!r}, not a default {task} model")
+    return adapter(checkpoints.load_weights(build(config), directory), config)

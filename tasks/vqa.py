@@ -176,7 +176,7 @@ def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tok
     from . import default, hf
 
     if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
-        model = default.load_default_vqa(name)
+        model = default.load_default("vqa", name)
         model.name = str(name)
         return model
     return hf.load_hf(name, "vqa", processor=processor, tokenizer=tokenizer, image_processor=image_processor,

@@ -116,8 +116,8 @@ def test_word_index_and_answer_out_of_range(captioner, answerer, shapes_image):
 
 
 def test_bad_layers(captioner, shapes_image):
-    with pytest.raises(ValueError, match="'encoder.layer33' is not a submodule.*Close names: encoder.layer3"):
-        captioner.explain(shapes_image, "a red circle", layer="encoder.layer33")
+    with pytest.raises(ValueError, match="'encoder.layer22' is not a submodule.*Close names: encoder.layer2"):
+        captioner.explain(shapes_image, "a red circle", layer="encoder.layer22")
     captioner.model.unused_head = torch.nn.Linear(2, 2)
     try:
         with pytest.raises(RuntimeError, match="was never called"):

@@ -1,12 +1,10 @@
 """The HTML reports in a real browser: headless Chromium (Debian's) driven by playwright."""
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
