@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from mmgradcam.data.shapes import image_objects, read_split
 from mmgradcam.eval.caption_quality import bleu4, names_every_object, names_every_shape
+from mmgradcam.tasks import checkpoints
 from mmgradcam.tasks.default import DefaultCaptioner, build_caption_model
 from mmgradcam.tasks.text import Vocabulary, split_words
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--bias", default=None, help='confounded training split, e.g. "circle=red"')
+    parser.add_argument("--init", type=Path, default=None, help="start from this model directory's weights")
     args = parser.parse_args(argv)
 
     bias = dict(item.split("=") for item in args.bias.split(",")) if args.bias else None
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
               "vocabulary": vocab.words, "trained_with": " ".join(sys.argv if argv is None else argv),
               "seed": args.seed}
     model = build_caption_model(config)
+    if args.init:
+        checkpoints.load_weights(model, args.init)
     pixels, ids = load_images(train)
     captions = encode_captions(train, ids, vocab, args.max_tokens)
 

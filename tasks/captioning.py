@@ -84,14 +84,16 @@ class TokensLogProb:
             0, self.owner.to(logprobs.device), picked)
 
 
-def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens],
-                 text_logits_from_end: bool = False) -> tuple[list[TokensLogProb], TokensLogProb]:
-    """Per word index j, a target scoring word j of every caption; and the whole-caption target."""
+def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens], text_logits_from_end: bool = False,
+                 selected: Sequence[Sequence[int]] | None = None) -> tuple[list[TokensLogProb], TokensLogProb]:
+    """Target k scores the k-th selected word of every caption (all words by default), and the
+    whole-caption target sums all words."""
     batch = [tokens] if isinstance(tokens, CaptionTokens) else list(tokens)
     cache = LogSoftmaxCache(max(t.input_ids.shape[1] for t in batch) if text_logits_from_end else None)
-    count = max(len(t.word_positions) for t in batch)
-    per_word = [TokensLogProb([t.word_positions[j] if j < len(t.word_positions) else [] for t in batch], cache)
-                for j in range(count)]
+    chosen = [list(range(len(t.word_positions))) for t in batch] if selected is None else [list(s) for s in selected]
+    count = max(len(c) for c in chosen)
+    per_word = [TokensLogProb([t.word_positions[c[k]] if k < len(c) else [] for t, c in zip(batch, chosen)], cache)
+                for k in range(count)]
     whole = TokensLogProb([[pt for p in t.word_positions for pt in p] for t in batch], cache)
     return per_word, whole
 
@@ -224,9 +226,14 @@ class Captioner(Adapter):
 
     def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
                       method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
-                      beam_size: int = 1, batched: bool | str = "auto") -> list[CaptionExplanation]:
+                      beam_size: int = 1, batched: bool | str = "auto",
+                      select: Any = None) -> list[CaptionExplanation]:
         """Explain the captions of several images: one forward pass and one batched backward for
-        all words of all captions (word j of every caption is one target)."""
+        all words of all captions (word j of every caption is one target).
+
+        ``select(words) -> indices`` explains only those words of each caption (the others get
+        empty maps and NaN log-probs): an evaluation scores only mappable words, and fewer targets
+        make the batched backward cheaper."""
         pils = [load_image(image, what=f"images[{i}]") for i, image in enumerate(images)]
         captions = list(captions) if captions is not None else [None] * len(pils)
         if len(captions) != len(pils):
@@ -244,14 +251,18 @@ class Captioner(Adapter):
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
         return self.explain_pixels(pixel_values, tokens, [g for _, g in prepared], method=method, layer=layer,
-                                   counterfactual=counterfactual, batched=batched)
+                                   counterfactual=counterfactual, batched=batched, select=select)
 
     def explain_pixels(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens], geometries: Sequence[Any],
                        method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
-                       batched: bool | str = "auto") -> list[CaptionExplanation]:
+                       batched: bool | str = "auto", select: Any = None) -> list[CaptionExplanation]:
         """``explain_batch`` on already preprocessed pixels (e.g. an adversarial image)."""
         model_inputs = self.model_inputs(pixel_values, tokens)
-        per_word, whole = word_targets(tokens, self.text_logits_from_end)
+        chosen = [list(range(len(t.words))) if select is None else sorted(set(select(t.words))) for t in tokens]
+        for t, c in zip(tokens, chosen):
+            if any(not 0 <= j < len(t.words) for j in c):
+                raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
+        per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
         pixel_method = method.lower() in PIXEL_METHODS
         with self.forward_context():
@@ -264,17 +275,30 @@ class Captioner(Adapter):
                 gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
                 guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
         results = []
-        for b, (geometry, t) in enumerate(zip(geometries, tokens)):
-            n = len(t.words)
+        for b, (geometry, t, c) in enumerate(zip(geometries, tokens, chosen)):
+            n, k = len(t.words), len(c)
             image_maps = geometry.invert(maps[:, b])
-            scores = exp.scores[:, b].tolist()
+            scores = exp.scores[:, b]
+            # word j's rows: the k selected words are the first k targets; the rest stay empty
+            order = torch.tensor(c, dtype=torch.long)
+            word_maps = image_maps.new_zeros((n, *image_maps.shape[1:]))
+            word_maps[order] = image_maps[:k]
+            layer_maps = exp.layer_maps.new_zeros((n, *exp.layer_maps.shape[2:]))
+            layer_maps[order] = exp.layer_maps[:k, b]
+            logprobs = torch.full((n,), float("nan"))
+            logprobs[order] = scores[:k].float()
+            alphas = exp.gradients.new_zeros((n, exp.gradients.shape[2]))
+            alphas[order] = exp.gradients[:k, b].mean(dim=(-2, -1))
+            guided_maps = None
+            if guided is not None:
+                guided_maps = image_maps.new_zeros((n, *image_maps.shape[1:]))
+                guided_maps[order] = geometry.invert(guided[:k, b])
             results.append(CaptionExplanation(
-                caption=join_caption(t), words=t.words, word_logprobs=scores[:n], caption_logprob=scores[-1],
-                maps=image_maps[:n], layer_maps=exp.layer_maps[:n, b], caption_map=image_maps[-1],
-                seen=geometry.seen(), method=method.lower() if pixel_method else exp.method, layer=exp.layer_name,
-                model=self.name, counterfactual=counterfactual,
-                guided_maps=geometry.invert(guided[:n, b]) if guided is not None else None,
-                alphas=exp.gradients[:n, b].mean(dim=(-2, -1)),
+                caption=join_caption(t), words=t.words, word_logprobs=logprobs.tolist(),
+                caption_logprob=float(scores[-1]), maps=word_maps, layer_maps=layer_maps,
+                caption_map=image_maps[-1], seen=geometry.seen(), method=method.lower() if pixel_method else exp.method,
+                layer=exp.layer_name, model=self.name, counterfactual=counterfactual, guided_maps=guided_maps,
+                alphas=alphas,
             ))
         return results
 

@@ -158,3 +158,15 @@ def test_state_of_the_model_is_kept(captioner, image):
     assert modes == [m.training for m in model.modules()]
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_selected_words_equal_their_maps_from_all_words(captioner, image):
+    caption = "a red circle and two blue stars"
+    everything = captioner.explain(image, caption)
+    chosen = captioner.explain_batch([image], [caption], select=lambda words: [2, 6])[0]
+    for j in (2, 6):
+        torch.testing.assert_close(chosen.maps[j], everything.maps[j], rtol=1e-4, atol=1e-6)
+        assert chosen.word_logprobs[j] == pytest.approx(everything.word_logprobs[j], rel=1e-5)
+    assert torch.count_nonzero(chosen.maps[0]) == 0 and np.isnan(chosen.word_logprobs[0])
+    with pytest.raises(IndexError, match="select chose word indices"):
+        captioner.explain_batch([image], [caption], select=lambda words: [9])

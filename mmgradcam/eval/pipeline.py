@@ -256,8 +256,10 @@ class Evaluation:
             if self.config.references:
                 jobs += [(image_id, pil, self.data.captions[image_id][0], "reference")
                          for image_id, pil in loaded if self.data.captions.get(image_id)]
+            # only words that can be scored are explained: fewer targets, a cheaper batched backward
             results = self.captioner.explain_batch([j[1] for j in jobs], [j[2] for j in jobs],
-                                                   method=self.config.method, layer=self.config.layer)
+                                                   method=self.config.method, layer=self.config.layer,
+                                                   select=lambda words: [m.index for m in self.mapper.map(words)])
             for (image_id, pil, _, source), result in zip(jobs, results):
                 lines += self._score_caption(k, image_id, source, result, masks[image_id])
         for image_id, pil in loaded:
