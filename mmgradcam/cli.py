@@ -140,7 +140,6 @@ def _mask_for(args: argparse.Namespace, image_path: Path, words: list[str]):
     matches = [i for i, info in data.images.items() if Path(info["file_name"]).name == image_path.name]
     if not matches:
         raise ValueError(f"--instances has no image named {image_path.name!r}")
-    info = data.images[matches[0]]
     from .tasks.geometry import load_image
 
     pil = load_image(image_path)
@@ -148,7 +147,6 @@ def _mask_for(args: argparse.Namespace, image_path: Path, words: list[str]):
     mapper = WordMapper(data.categories.values(), data.colors)
     masks = [(by_category if m.word_class == "noun" else by_color).get(m.target) for m in mapper.map(words)]
     masks = [m for m in masks if m is not None]
-    del info
     return np.any(masks, axis=0) if masks else None
 
 
@@ -217,9 +215,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     titles = [f"{name}: {words[j]}" for name in ("A", "B") for j in chosen]
     path = map_grid(pil, maps, titles, args.out / "compare.png", suptitle=f"A = {args.model_a}, B = {args.model_b}",
                     columns=len(chosen) + 1)
+    first_words, second_words = (r.summary()["words"] for r in results)
     summary = {"caption": caption, "models": [args.model_a, args.model_b],
-               "words": [{"word": words[j], "A": r0.summary()["words"][j], "B": r1.summary()["words"][j]}
-                         for j in chosen for r0, r1 in [results]]}
+               "words": [{"word": words[j], "A": first_words[j], "B": second_words[j]} for j in chosen]}
     (args.out / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {path}")
     return 0

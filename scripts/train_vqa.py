@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mmgradcam.data.shapes import read_split
+from mmgradcam.tasks import checkpoints
 from mmgradcam.tasks.default import build_vqa_model
 from mmgradcam.tasks.text import Vocabulary, split_words
 
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, "runs/vqa", steps=1500)
     parser.add_argument("--blank-images", action="store_true", help="question-only baseline")
+    parser.add_argument("--init-encoder", type=Path, default=None,
+                        help="start the image encoder from a trained default captioner (a model directory)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="keep that encoder fixed: its features are computed once and only the question "
+                             "fusion and classifier train (many cheap steps instead of few costly ones)")
     args = parser.parse_args(argv)
 
     splits = prepare_splits(args)
@@ -77,13 +84,32 @@ def main(argv: list[str] | None = None) -> int:
               "vocabulary": vocab.words, "answers": answer_list, "blank_images": args.blank_images,
               "trained_with": " ".join(sys.argv if argv is None else argv), "seed": args.seed}
     model = build_vqa_model(config)
+    if args.init_encoder:
+        from safetensors.torch import load_file
+
+        state = load_file(str(args.init_encoder / checkpoints.WEIGHTS))
+        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        model.encoder.load_state_dict(encoder)
+        config["encoder_from"] = str(args.init_encoder)
     pixels, ids = load_images(train)
     if args.blank_images:
         pixels = torch.zeros_like(pixels[:1]).expand_as(pixels)
     table = question_table(train, ids, vocab, answers)
 
+    features = None
+    if args.freeze_encoder:
+        if not args.init_encoder:
+            parser.error("--freeze-encoder needs --init-encoder")
+        model.encoder.requires_grad_(False).eval()
+        with torch.no_grad():
+            features = torch.cat([model.encoder(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+
     def loss_fn(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        logits = model(pixels[table["image"][batch]], table["input_ids"][batch], table["attention_mask"][batch])
+        images = table["image"][batch]
+        if features is not None:
+            logits = model.answer_features(features[images], table["input_ids"][batch], table["attention_mask"][batch])
+        else:
+            logits = model(pixels[images], table["input_ids"][batch], table["attention_mask"][batch])
         return F.cross_entropy(logits, table["answer"][batch])
 
     train_loop(model, loss_fn, len(table["answer"]), steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -241,10 +241,15 @@ class AnswerNet(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.answer_features(self.encoder(pixel_values), input_ids, attention_mask)
+
+    def answer_features(self, features: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Answer logits from encoder features (B, C, h, w) (training with a frozen encoder uses this)."""
         length = input_ids.shape[1]
         if length > self.max_question:
             raise ValueError(f"{length} question tokens exceed the model's limit of {self.max_question}")
-        memory = self.grid_tokens(self.encoder(pixel_values))
+        memory = self.grid_tokens(features)
         words = self.embed(input_ids) * math.sqrt(self.embed.embedding_dim)
         x = torch.cat([self.answer_token.expand(len(input_ids), -1, -1), words], dim=1) + self.position[:length + 1]
         padding = None

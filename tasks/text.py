@@ -5,7 +5,8 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 
-WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+# Unicode letters and digits make words ("zürich", "café"); any other visible character is a mark.
+WORD_PATTERN = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[^\w\s]|_")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
