@@ -313,8 +313,16 @@ class DefaultVQA(VQAModel):
         return ClassScore(index) if score == "logit" else ClassLogProb(index)
 
     def _probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer probabilities, computed once per prepared inputs (ranking and the explained
+        answers' probabilities then share one forward)."""
+        key = (inputs["pixel_values"], inputs["input_ids"])
+        cached = getattr(self, "_last_probabilities", None)
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1]:
+            return cached[1]
         with torch.no_grad(), preserved_state(self.model):
-            return torch.softmax(self.model(**inputs), dim=-1)[0]
+            probabilities = torch.softmax(self.model(**inputs), dim=-1)[0]
+        self._last_probabilities = (key, probabilities)
+        return probabilities
 
     def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
         probabilities = self._probabilities(inputs)

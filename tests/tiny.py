@@ -15,11 +15,19 @@ SHAPES_WORDS = (["a", "there", "is", "are", "and", ",", "small", "large", "to", 
                 + list(PLURALS.values()) + list(NUMBER_WORDS.values()))
 
 
-def tiny_captioner(directory: Path, words=SHAPES_WORDS, image_size: int = 64, max_tokens: int = 24, seed: int = 0) -> Path:
+def tiny_captioner(directory: Path, words=SHAPES_WORDS, image_size: int = 64, max_tokens: int = 24, seed: int = 0,
+                   favor: tuple[str, ...] = tuple(COLORS) + tuple(SHAPES)) -> Path:
+    """A random-weight captioner; the output bias favours the ``favor`` words so that its own
+    captions contain scorable words (a purely random one tends to loop on function words)."""
     torch.manual_seed(seed)
     config = {"task": "captioning", "family": "default", "image_size": image_size, "grid": image_size // 8,
               "dim": 32, "layers": 1, "heads": 2, "max_tokens": max_tokens, "vocabulary": Vocabulary(words).words}
-    checkpoints.save_model(build_caption_model(config), config, directory)
+    model = build_caption_model(config)
+    with torch.no_grad():
+        for index, word in enumerate(config["vocabulary"]):
+            if word in favor:
+                model.head.bias[index] += 3.0
+    checkpoints.save_model(model, config, directory)
     return directory
 
 

@@ -109,14 +109,21 @@ class WordMapper:
         return None
 
     def category(self, word: str) -> str | None:
+        """The category a word names, or None. WordNet (slow to load) is consulted only for words
+        the table and the suffix rules cannot place."""
         word = word.lower()
         if word in self.table:
             return self.table[word]
-        lemma = singular(word, self.use_wordnet)
+        lemma = singular(word, use_wordnet=False)
         if lemma in self.table:
             return self.table[lemma]
         if word in self.colors or word in COLOR_WORDS or word in FUNCTION_WORDS or not lemma.isalpha():
             return None
+        if not self.use_wordnet or wordnet() is None:
+            return None
+        lemma = singular(word, use_wordnet=True)
+        if lemma in self.table:
+            return self.table[lemma]
         return self._hypernym_category(lemma)
 
     def map(self, words: Sequence[str]) -> list[MappedWord]:
