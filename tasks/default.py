@@ -279,6 +279,7 @@ class DefaultVQA(VQAModel):
         self.answers = list(config["answers"])
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.image_size = int(config["image_size"])
+        self._last_probabilities: tuple | None = None  # ((pixel_values, input_ids), probabilities)
 
     def encode_question(self, question: str) -> torch.Tensor:
         if not isinstance(question, str):
@@ -316,7 +317,7 @@ class DefaultVQA(VQAModel):
         """Answer probabilities, computed once per prepared inputs (ranking and the explained
         answers' probabilities then share one forward)."""
         key = (inputs["pixel_values"], inputs["input_ids"])
-        cached = getattr(self, "_last_probabilities", None)
+        cached = self._last_probabilities
         if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1]:
             return cached[1]
         with torch.no_grad(), preserved_state(self.model):

@@ -58,7 +58,8 @@ def test_pgd_flips_a_classifier_within_budget():
             return super().forward(pixel_values)
 
     # Class scores are the mean intensities of the three colour channels (1x1 identity conv, identity
-    # head): red wins by 0.1, so within a budget of 16/255 (each mean moves 0.063) a flip to green exists and PGD must find it.
+    # head): red leads green by 0.1, and within a budget of 16/255 each mean can move 0.063, so a flip
+    # to green exists and PGD must find it.
     model = Keyword(channels=3, classes=3)
     with torch.no_grad():
         model.conv = nn.Conv2d(3, 3, 1)
