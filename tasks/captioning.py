@@ -19,7 +19,7 @@ from torch import nn
 import mmgradcam as mg
 from mmgradcam.targets import logits_of
 
-from .common import Adapter
+from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
 
 PIXEL_METHODS = ("guided-gradcam",)
@@ -308,11 +308,5 @@ def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tok
     """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
     model id or save_pretrained directory (BLIP, GIT, VisionEncoderDecoder), or a transformers
     model object with its processor. ``trust_remote_code`` stays off unless you turn it on."""
-    from . import default, hf
-
-    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
-        captioner = default.load_default("captioning", name)
-        captioner.name = str(name)
-        return captioner
-    return hf.load_hf(name, "captioning", processor=processor, tokenizer=tokenizer, image_processor=image_processor,
-                      trust_remote_code=trust_remote_code)
+    return load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
+                        trust_remote_code=trust_remote_code)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -40,3 +41,17 @@ class Adapter:
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Entered around every forward the adapter makes (ViLT records its patch index)."""
         return contextlib.nullcontext()
+
+
+def load_adapter(task: str, name: str | Path | nn.Module, processor: Any = None, *, tokenizer: Any = None,
+                 image_processor: Any = None, trust_remote_code: bool = False) -> Adapter:
+    """The adapter for ``task`` ("captioning" or "vqa"): the shipped default model, a directory
+    holding a default-family model, or (through tasks.hf) a Hugging Face id, directory or object."""
+    from . import default, hf
+
+    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
+        adapter = default.load_default(task, name)
+        adapter.name = str(name)
+        return adapter
+    return hf.load_hf(name, task, processor=processor, tokenizer=tokenizer, image_processor=image_processor,
+                      trust_remote_code=trust_remote_code)

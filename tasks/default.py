@@ -153,7 +153,24 @@ def build_caption_model(config: dict) -> CaptionNet:
                         heads=config["heads"], max_tokens=config["max_tokens"], grid=config["grid"])
 
 
-class DefaultCaptioner(Captioner):
+class DefaultFamily:
+    """What the default captioner and VQA adapters share: the model in eval mode, its config and
+    vocabulary, and letterboxed preprocessing to the model's square input."""
+
+    def __init__(self, model: nn.Module, config: dict):
+        self.model = model.eval()
+        self.config = config
+        self.vocab = Vocabulary(config["vocabulary"])
+        self.image_size = int(config["image_size"])
+
+    def letterbox(self, image: ImageLike) -> tuple[torch.Tensor, Letterbox]:
+        """(1, 3, S, S) pixels and the geometry that maps the result back to the original image."""
+        pil = load_image(image)
+        geometry = Letterbox((pil.height, pil.width), self.image_size)
+        return to_tensor(geometry.apply(pil)), geometry
+
+
+class DefaultCaptioner(DefaultFamily, Captioner):
     """The shipped shapes-world captioner (or one trained by scripts/train_captioner.py)."""
 
     family = "default"
@@ -161,16 +178,12 @@ class DefaultCaptioner(Captioner):
     layer_reason = "the trunk's last stage: a 16x16 grid the decoder cross-attends to"
 
     def __init__(self, model: CaptionNet, config: dict):
-        self.model = model.eval()
-        self.config = config
-        self.vocab = Vocabulary(config["vocabulary"])
-        self.image_size = int(config["image_size"])
+        super().__init__(model, config)
         self.max_tokens = model.max_tokens
 
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Letterbox]:
-        pil = load_image(image)
-        geometry = Letterbox((pil.height, pil.width), self.image_size)
-        return {"pixel_values": to_tensor(geometry.apply(pil))}, geometry
+        pixel_values, geometry = self.letterbox(image)
+        return {"pixel_values": pixel_values}, geometry
 
     def tokenize(self, caption: str) -> CaptionTokens:
         tokens = split_words(caption)
@@ -265,7 +278,7 @@ def build_vqa_model(config: dict) -> AnswerNet:
                      heads=config["heads"], max_question=config["max_question"], grid=config["grid"])
 
 
-class DefaultVQA(VQAModel):
+class DefaultVQA(DefaultFamily, VQAModel):
     """The shipped shapes-world VQA model (or one trained by scripts/train_vqa.py)."""
 
     family = "default"
@@ -273,12 +286,9 @@ class DefaultVQA(VQAModel):
     layer_reason = "the trunk's last stage: the 16x16 regions the question tokens attend over"
 
     def __init__(self, model: AnswerNet, config: dict):
-        self.model = model.eval()
-        self.config = config
-        self.vocab = Vocabulary(config["vocabulary"])
+        super().__init__(model, config)
         self.answers = list(config["answers"])
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
-        self.image_size = int(config["image_size"])
         self._last_probabilities: tuple | None = None  # ((pixel_values, input_ids), probabilities)
 
     def encode_question(self, question: str) -> torch.Tensor:
@@ -299,9 +309,8 @@ class DefaultVQA(VQAModel):
 
     def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Letterbox]:
         input_ids = self.encode_question(question)
-        pil = load_image(image)
-        geometry = Letterbox((pil.height, pil.width), self.image_size)
-        return {"pixel_values": to_tensor(geometry.apply(pil)), "input_ids": input_ids}, geometry
+        pixel_values, geometry = self.letterbox(image)
+        return {"pixel_values": pixel_values, "input_ids": input_ids}, geometry
 
     def _index(self, answer: str) -> int:
         key = answer.strip().lower() if isinstance(answer, str) else answer

@@ -19,7 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 
-from .common import Adapter
+from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
 
 SCORES = ("logit", "logprob")
@@ -173,11 +173,5 @@ def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tok
     """A VQA model: "default" (shipped), a directory holding a default-family model, a Hugging Face
     model id or save_pretrained directory (BLIP VQA, ViLT), or a transformers model object with its
     processor. ``trust_remote_code`` stays off unless you turn it on."""
-    from . import default, hf
-
-    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
-        model = default.load_default("vqa", name)
-        model.name = str(name)
-        return model
-    return hf.load_hf(name, "vqa", processor=processor, tokenizer=tokenizer, image_processor=image_processor,
-                      trust_remote_code=trust_remote_code)
+    return load_adapter("vqa", name, processor, tokenizer=tokenizer, image_processor=image_processor,
+                        trust_remote_code=trust_remote_code)
