@@ -90,6 +90,7 @@ class WordMapper:
             self.table.setdefault(category.lower(), category)
         self.use_wordnet = use_wordnet
         self._wordnet_categories = None
+        self._known: dict[str, str | None] = {}  # word -> category: captions repeat words (and WordNet is slow)
 
     def _hypernym_category(self, lemma: str) -> str | None:
         wn = wordnet() if self.use_wordnet else None
@@ -112,6 +113,11 @@ class WordMapper:
         """The category a word names, or None. WordNet (slow to load) is consulted only for words
         the table and the suffix rules cannot place."""
         word = word.lower()
+        if word not in self._known:
+            self._known[word] = self._find_category(word)
+        return self._known[word]
+
+    def _find_category(self, word: str) -> str | None:
         if word in self.table:
             return self.table[word]
         lemma = singular(word, use_wordnet=False)
