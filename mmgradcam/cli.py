@@ -33,16 +33,12 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     from .tasks.geometry import load_image
 
     pil = load_image(image, what="IMAGE")
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     captioner = captioning.load(args.model)
-    result = captioner.explain(pil, caption=args.caption, method=methods[0], layer=args.layer,
+    # every method from one forward and backward pass (the report gets a method switch)
+    result = captioner.explain(pil, caption=args.caption, method=args.method, layer=args.layer,
                                counterfactual=args.counterfactual, beam_size=args.beam)
+    methods = result.methods
     arrays = result.arrays()
-    arrays[f"maps@{methods[0]}"] = arrays["maps"]
-    for method in methods[1:]:  # the same caption, other methods (for the report's method switch)
-        other = captioner.explain(pil, caption=result.caption, method=method, layer=args.layer,
-                                  counterfactual=args.counterfactual)
-        arrays[f"maps@{method}"] = other.maps.numpy()
     summary = {**result.summary(), "methods": methods}
     if args.explain_text:
         from .eval.dissect import explain_text

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = Vocabulary.build(a["caption"] for a in train["captions"]["annotations"])
     config = {"task": "captioning", "family": "default", "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // 8,
               "dim": args.dim, "layers": args.layers, "heads": args.heads, "max_tokens": args.max_tokens,
-              "vocabulary": vocab.words, "trained_with": " ".join(sys.argv if argv is None else argv),
+              "vocabulary": vocab.words, "encoder": args.encoder, "trained_with": " ".join(sys.argv if argv is None else argv),
               "seed": args.seed}
     model = build_caption_model(config)
     if args.init:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                ignore_index=vocab.pad_id)
 
     train_loop(model, loss_fn, len(ids), steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
-               seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
+               seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16)
     captioner = DefaultCaptioner(model, config)
     report = {}
     for name in splits:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return F.cross_entropy(logits, table["answer"][batch])
 
     train_loop(model, loss_fn, len(table["answer"]), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-               out=args.out, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=not args.fp32)
+               out=args.out, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16)
     report = {}
     for split_name in splits:
         split = read_split(args.data, split_name)

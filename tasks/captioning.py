@@ -8,7 +8,7 @@ its tokens' log-probabilities). Maps come back at the original image size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
+from mmgradcam.methods.base import MethodSpec, method_names
 from mmgradcam.targets import logits_of
 
 from .common import Adapter, load_adapter
@@ -120,6 +121,18 @@ class CaptionExplanation:
     counterfactual: bool = False
     guided_maps: torch.Tensor | None = None
     alphas: torch.Tensor | None = None  # (n_words, C): Grad-CAM channel weights (mean gradient)
+    # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, caption_map)
+    method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.method_maps) or [self.method]
+
+    def for_method(self, method: str) -> "CaptionExplanation":
+        """This explanation with ``method``'s maps (one of ``methods``, computed in the same pass)."""
+        name = method_names(method, known=self.methods)[0]
+        maps, layer_maps, caption_map = self.method_maps[name]
+        return replace(self, maps=maps, layer_maps=layer_maps, caption_map=caption_map, method=name)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -159,6 +172,8 @@ class CaptionExplanation:
                "words": np.array(self.words), "word_logprobs": np.array(self.word_logprobs)}
         if self.guided_maps is not None:
             out["guided_maps"] = self.guided_maps.numpy()
+        for name, (maps, _, _) in self.method_maps.items():
+            out[f"maps@{name}"] = maps.numpy()
         return out
 
 
@@ -217,16 +232,20 @@ class Captioner(Adapter):
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
         return scores
 
-    def explain(self, image: ImageLike, caption: str | None = None, method: str = "gradcam",
+    def explain(self, image: ImageLike, caption: str | None = None, method: MethodSpec | None = None,
                 layer: nn.Module | str | None = None, counterfactual: bool = False, beam_size: int = 1,
                 batched: bool | str = "auto") -> CaptionExplanation:
-        """Explain every word of ``caption`` (generated first when None) on ``image``."""
+        """Explain every word of ``caption`` (generated first when None) on ``image``.
+
+        ``method``: the model's default (``default_method``) when None; several ("gradcam,layercam",
+        a list, or "all") are computed from the same forward and backward pass: ``maps`` holds the
+        first one's, ``method_maps`` / ``for_method(name)`` every one's."""
         return self.explain_batch([image], [caption], method=method, layer=layer, counterfactual=counterfactual,
                                   beam_size=beam_size, batched=batched)[0]
 
     def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
-                      method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
-                      beam_size: int = 1, batched: bool | str = "auto",
+                      method: MethodSpec | None = None, layer: nn.Module | str | None = None,
+                      counterfactual: bool = False, beam_size: int = 1, batched: bool | str = "auto",
                       select: Any = None) -> list[CaptionExplanation]:
         """Explain the captions of several images: one forward pass and one batched backward for
         all words of all captions (word j of every caption is one target).
@@ -254,8 +273,9 @@ class Captioner(Adapter):
                                    counterfactual=counterfactual, batched=batched, select=select)
 
     def explain_pixels(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens], geometries: Sequence[Any],
-                       method: str = "gradcam", layer: nn.Module | str | None = None, counterfactual: bool = False,
-                       batched: bool | str = "auto", select: Any = None) -> list[CaptionExplanation]:
+                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,
+                       counterfactual: bool = False, batched: bool | str = "auto",
+                       select: Any = None) -> list[CaptionExplanation]:
         """``explain_batch`` on already preprocessed pixels (e.g. an adversarial image)."""
         model_inputs = self.model_inputs(pixel_values, tokens)
         chosen = [list(range(len(t.words))) if select is None else sorted(set(select(t.words))) for t in tokens]
@@ -264,41 +284,51 @@ class Captioner(Adapter):
                 raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
         per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
-        pixel_method = method.lower() in PIXEL_METHODS
+        names = method_names(self.default_method if method is None else method,
+                             known=mg.available_methods() + list(PIXEL_METHODS))
+        pixel_method = any(name in PIXEL_METHODS for name in names)
+        # the CAM methods to compute (Guided Grad-CAM multiplies Guided Backprop by Grad-CAM)
+        cam_names = list(dict.fromkeys([n for n in names if n not in PIXEL_METHODS] + (["gradcam"] if pixel_method else [])))
         with self.forward_context():
-            exp = mg.explain(self.model, model_inputs, per_word + [whole], layer, "gradcam" if pixel_method else method,
-                             counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                             **self.layer_options)
-            maps = exp.maps
+            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, cam_names,
+                              counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                              **self.layer_options)
+            maps = {name: exp.maps for name, exp in exps.items()}
             guided = None
             if pixel_method:
                 gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
-                guided = (gb * maps[:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
+                guided = (gb * maps["gradcam"][:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
+        first = exps[cam_names[0]]
+        shown = [n for n in names if n not in PIXEL_METHODS] or ["gradcam"]
         results = []
         for b, (geometry, t, c) in enumerate(zip(geometries, tokens, chosen)):
             n, k = len(t.words), len(c)
-            image_maps = geometry.invert(maps[:, b])
-            scores = exp.scores[:, b]
             # word j's rows: the k selected words are the first k targets; the rest stay empty
             order = torch.tensor(c, dtype=torch.long)
-            word_maps = image_maps.new_zeros((n, *image_maps.shape[1:]))
-            word_maps[order] = image_maps[:k]
-            layer_maps = exp.layer_maps.new_zeros((n, *exp.layer_maps.shape[2:]))
-            layer_maps[order] = exp.layer_maps[:k, b]
+
+            def per_word_rows(rows: torch.Tensor) -> torch.Tensor:
+                out = rows.new_zeros((n, *rows.shape[1:]))
+                out[order] = rows[:k]
+                return out
+
+            method_maps = {}
+            for name in shown:
+                image_maps = geometry.invert(maps[name][:, b])
+                method_maps[name] = (per_word_rows(image_maps), per_word_rows(exps[name].layer_maps[:, b]),
+                                     image_maps[-1])
+            scores = first.scores[:, b]
             logprobs = torch.full((n,), float("nan"))
             logprobs[order] = scores[:k].float()
-            alphas = exp.gradients.new_zeros((n, exp.gradients.shape[2]))
-            alphas[order] = exp.gradients[:k, b].mean(dim=(-2, -1))
-            guided_maps = None
-            if guided is not None:
-                guided_maps = image_maps.new_zeros((n, *image_maps.shape[1:]))
-                guided_maps[order] = geometry.invert(guided[:k, b])
+            word_maps, layer_maps, caption_map = method_maps[shown[0]]
             results.append(CaptionExplanation(
                 caption=join_caption(t), words=t.words, word_logprobs=logprobs.tolist(),
                 caption_logprob=float(scores[-1]), maps=word_maps, layer_maps=layer_maps,
-                caption_map=image_maps[-1], seen=geometry.seen(), method=method.lower() if pixel_method else exp.method,
-                layer=exp.layer_name, model=self.name, counterfactual=counterfactual, guided_maps=guided_maps,
-                alphas=alphas,
+                caption_map=caption_map, seen=geometry.seen(),
+                method="guided-gradcam" if names == ["guided-gradcam"] else shown[0],
+                layer=first.layer_name, model=self.name, counterfactual=counterfactual,
+                guided_maps=None if guided is None else per_word_rows(geometry.invert(guided[:, b])),
+                alphas=per_word_rows(first.gradients[:, b].mean(dim=(-2, -1))),
+                method_maps=method_maps,
             ))
         return results
 

@@ -21,6 +21,7 @@ class Adapter:
     name: str = "?"
     default_layer: str = ""
     layer_reason: str = ""
+    default_method: str = "gradcam"
     layer_options: dict[str, Any] = {}
 
     @property

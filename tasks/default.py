@@ -20,35 +20,60 @@ from .geometry import ImageLike, Letterbox, load_image, to_tensor
 from .text import Vocabulary, is_word, join_words, split_words
 
 
-class ShapesEncoder(nn.Module):
-    """A small ResNet trunk (torchvision BasicBlocks) of stride 8 and a limited receptive field.
+# The first shipped trunk (configs without an "encoder" entry): patchify stem, one block per stage.
+LEGACY_ENCODER = {"stem": 4, "stem_width": 32, "stages": [[48, 1, 1], [128, 1, 2]]}
 
-    A 128 px image gives a 16x16 grid at ``layer2``, the explained layer. The stem "patchifies"
-    (4x4 convolution, stride 4) and two BasicBlocks follow, so each grid cell sees about 44 px:
-    enough for one object (20-55 px), too little to summarize the whole image. With a receptive
-    field larger than the image (as in a deep ResNet), background cells can carry a summary of
-    everything and the decoder reads them like register tokens; the word maps then land on
-    background instead of on the named object.
+
+class ShapesEncoder(nn.Module):
+    """A small ResNet trunk of torchvision BasicBlocks that keeps a stride-8 grid.
+
+    A "patchifying" stem (a ``stem``x``stem`` convolution of that stride) is followed by stages
+    ``layer1``, ``layer2``, ...; each stage is ``[width, blocks, stride]`` (optionally a fourth
+    entry, the dilation of its blocks). A 128 px image gives a 16x16 grid at the last stage.
+    The depth sets the receptive field of a grid cell, which decides whether the cells can hold
+    object-level features (a whole shape in view) without becoming a summary of the whole image
+    (see README, "The shapes world and the default models").
     """
 
-    def __init__(self, widths: tuple[int, int] = (48, 128)):
+    def __init__(self, spec: dict | None = None):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
-        self.layer1 = self._stage(32, widths[0], 1, stride=1)
-        self.layer2 = self._stage(widths[0], widths[1], 1, stride=2)
-        self.out_channels = widths[1]
+        spec = dict(LEGACY_ENCODER if spec is None else spec)
+        stem, stem_width = int(spec["stem"]), int(spec["stem_width"])
+        self.stem = nn.Sequential(nn.Conv2d(3, stem_width, stem, stride=stem, bias=False),
+                                  nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True))
+        self.stage_names: list[str] = []
+        inplanes = stem_width
+        for index, stage in enumerate(spec["stages"], start=1):
+            width, count, stride = (int(v) for v in stage[:3])
+            dilation = int(stage[3]) if len(stage) > 3 else 1
+            setattr(self, f"layer{index}", self._stage(inplanes, width, count, stride, dilation))
+            self.stage_names.append(f"layer{index}")
+            inplanes = width
+        self.out_channels = inplanes
 
     @staticmethod
-    def _stage(inplanes: int, planes: int, count: int, stride: int) -> nn.Sequential:
+    def _stage(inplanes: int, planes: int, count: int, stride: int, dilation: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or inplanes != planes:
             downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
         layers = [BasicBlock(inplanes, planes, stride, downsample)]
-        layers += [BasicBlock(planes, planes) for _ in range(count - 1)]
+        layers += [BasicBlock(planes, planes, dilation=1) if dilation == 1 else _dilated_block(planes, dilation)
+                   for _ in range(count - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(self.stem(pixel_values)))
+        x = self.stem(pixel_values)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+def _dilated_block(planes: int, dilation: int) -> BasicBlock:
+    """A BasicBlock whose two 3x3 convolutions are dilated (torchvision's refuses dilation > 1)."""
+    block = BasicBlock(planes, planes)
+    for conv in (block.conv1, block.conv2):
+        conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+    return block
 
 
 class GridTokens(nn.Module):
@@ -76,9 +101,9 @@ class CaptionNet(nn.Module):
     """Encoder + transformer decoder: ``forward(pixel_values, input_ids) -> logits (B, L, V)``."""
 
     def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_tokens: int = 24,
-                 grid: int = 16, dropout: float = 0.1):
+                 grid: int = 16, dropout: float = 0.1, encoder: dict | None = None):
         super().__init__()
-        self.encoder = ShapesEncoder()
+        self.encoder = ShapesEncoder(encoder)
         self.grid_tokens = GridTokens(self.encoder.out_channels, dim, grid)
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
@@ -150,7 +175,8 @@ class CaptionNet(nn.Module):
 
 def build_caption_model(config: dict) -> CaptionNet:
     return CaptionNet(len(config["vocabulary"]), dim=config["dim"], layers=config["layers"],
-                        heads=config["heads"], max_tokens=config["max_tokens"], grid=config["grid"])
+                      heads=config["heads"], max_tokens=config["max_tokens"], grid=config["grid"],
+                      encoder=config.get("encoder"))
 
 
 class DefaultFamily:
@@ -162,6 +188,10 @@ class DefaultFamily:
         self.config = config
         self.vocab = Vocabulary(config["vocabulary"])
         self.image_size = int(config["image_size"])
+        # defaults measured on the val split (scripts/sweep_localization.py) travel with the weights
+        self.default_layer = config.get("default_layer", self.default_layer)
+        self.default_method = config.get("default_method", self.default_method)
+        self.layer_reason = config.get("default_reason", self.layer_reason)
 
     def letterbox(self, image: ImageLike) -> tuple[torch.Tensor, Letterbox]:
         """(1, 3, S, S) pixels and the geometry that maps the result back to the original image."""

@@ -9,7 +9,7 @@ one forward pass and one batched backward. Maps come back at the original image 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
+from mmgradcam.methods.base import MethodSpec, method_names
 
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
@@ -55,6 +56,18 @@ class VQAExplanation:
     contrast_map: torch.Tensor | None = None  # (H, W): answers[0] against ``contrast``
     top_answers: list[tuple[str, float]] | None = None
     alphas: torch.Tensor | None = None  # (K, C): Grad-CAM channel weights (mean gradient)
+    # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, contrast_map)
+    method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.method_maps) or [self.method]
+
+    def for_method(self, method: str) -> "VQAExplanation":
+        """This explanation with ``method``'s maps (one of ``methods``, computed in the same pass)."""
+        name = method_names(method, known=self.methods)[0]
+        maps, layer_maps, contrast_map = self.method_maps[name]
+        return replace(self, maps=maps, layer_maps=layer_maps, contrast_map=contrast_map, method=name)
 
     @property
     def answer(self) -> str:
@@ -85,6 +98,8 @@ class VQAExplanation:
                "answers": np.array(self.answers), "scores": np.array(self.scores)}
         if self.contrast_map is not None:
             out["contrast_map"] = self.contrast_map.numpy()
+        for name, (maps, _, _) in self.method_maps.items():
+            out[f"maps@{name}"] = maps.numpy()
         return out
 
 
@@ -119,10 +134,14 @@ class VQAModel(Adapter):
         return self.ranked_answers(inputs, top_k)
 
     def explain(self, image: ImageLike, question: str, answer: str | Sequence[str] | None = None,
-                method: str = "gradcam", counterfactual: bool = False, contrast: str | None = None,
+                method: MethodSpec | None = None, counterfactual: bool = False, contrast: str | None = None,
                 top_k: int = 1, score: str = "logit", layer: nn.Module | str | None = None,
                 batched: bool | str = "auto") -> VQAExplanation:
         """Maps for ``answer`` (one or several; None: the model's top ``top_k`` answers).
+
+        method: the model's default (``default_method``) when None; several ("gradcam,layercam", a
+        list, or "all") come from the same forward and backward pass (``method_maps``,
+        ``for_method(name)``), ``maps`` holding the first one's.
 
         counterfactual: negated gradients, "why not this answer". contrast: also the map of the
         first answer's score minus ``contrast``'s.
@@ -132,7 +151,7 @@ class VQAModel(Adapter):
                                    contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
 
     def explain_inputs(self, inputs: dict[str, torch.Tensor], geometry: Any, question: str,
-                       answer: str | Sequence[str] | None = None, method: str = "gradcam",
+                       answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
                        counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
                        score: str = "logit", layer: nn.Module | str | None = None,
                        batched: bool | str = "auto") -> VQAExplanation:
@@ -149,19 +168,25 @@ class VQAModel(Adapter):
         inputs, targets = self.targets_for(inputs, answers + ([contrast] if contrast is not None else []), score)
         if contrast is not None:
             targets[-1] = Difference(targets[0], targets[-1])
+        names = method_names(self.default_method if method is None else method)
         with self.forward_context():
-            exp = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), method,
-                             counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                             **self.layer_options)
-        maps = geometry.invert(exp.maps[:, 0])
-        probabilities = self.answer_probabilities(inputs, answers)
+            exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
+                              counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                              **self.layer_options)
         count = len(answers)
+        method_maps = {}
+        for name, exp in exps.items():
+            maps = geometry.invert(exp.maps[:, 0])
+            method_maps[name] = (maps[:count], exp.layer_maps[:count, 0], maps[count] if contrast is not None else None)
+        first = exps[names[0]]
+        maps, layer_maps, contrast_map = method_maps[names[0]]
+        probabilities = self.answer_probabilities(inputs, answers)
         return VQAExplanation(
-            question=question, answers=answers, scores=exp.scores[:count, 0].tolist(), probabilities=probabilities,
-            maps=maps[:count], layer_maps=exp.layer_maps[:count, 0], seen=geometry.seen(), method=exp.method,
-            layer=exp.layer_name, model=self.name, score_kind=score, counterfactual=counterfactual,
-            contrast=contrast, contrast_map=maps[count] if contrast is not None else None, top_answers=top,
-            alphas=exp.gradients[:count, 0].mean(dim=(-2, -1)),
+            question=question, answers=answers, scores=first.scores[:count, 0].tolist(), probabilities=probabilities,
+            maps=maps, layer_maps=layer_maps, seen=geometry.seen(), method=first.method,
+            layer=first.layer_name, model=self.name, score_kind=score, counterfactual=counterfactual,
+            contrast=contrast, contrast_map=contrast_map, top_answers=top,
+            alphas=first.gradients[:count, 0].mean(dim=(-2, -1)), method_maps=method_maps,
         )
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:

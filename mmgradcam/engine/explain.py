@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.base import get_method
+from ..methods.base import MethodSpec, get_method, is_several, method_names
 from .capture import ActivationCapture, OutputIndex
 from .explanation import Explanation
 from .gradients import Target, check_targets, target_gradients, target_scores
@@ -45,12 +45,12 @@ def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Ta
 
 
 def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
-            layer: LayerSpec | Sequence[LayerSpec], method: str = "gradcam", *,
+            layer: LayerSpec | Sequence[LayerSpec], method: MethodSpec = "gradcam", *,
             counterfactual: bool = False, layout: Any = "auto", prefix_tokens: int | None = None,
             grid: tuple[int, int] | None = None, output_index: OutputIndex = None,
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
-            ) -> Explanation | list[Explanation]:
+            ) -> Explanation | dict[str, Explanation] | list:
     """Explain T targets at ``layer`` from a single forward pass.
 
     model: left as it was (mode, requires_grad, .grad, hooks), also when an exception escapes;
@@ -59,7 +59,10 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     targets: T callables, each model output -> Tensor (B,).
     layer: an nn.Module inside ``model`` or its dotted name; a list of them gives a list of
         Explanations from the same forward and backward pass.
-    method: "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam".
+    method: "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"; several at once as
+        "gradcam,layercam", a list of names or "all" give a dict {name: Explanation}, every map
+        from the same forward and backward pass (the methods differ only in how they weigh the
+        same activations and gradients, which the Explanations share).
     counterfactual: negate the gradients (the Grad-CAM paper's counterfactual explanation: what
         speaks against the target).
     layout / prefix_tokens / grid: how to read the layer output ("auto": 4-D is (B, C, h, w),
@@ -70,7 +73,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     batched: "auto" (batched backward, loop fallback), True or False.
     input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
     """
-    cam_method = get_method(method)
+    cam_methods = [get_method(name) for name in method_names(method)]
     targets = check_targets(targets)
     layer_list = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layer_list:
@@ -92,16 +95,19 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             _zero_gradient_warning(name)
         if counterfactual:
             grads = -grads
-        signed = cam_method.signed_map(acts, grads)
-        results.append(Explanation(
-            layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=acts,
-            gradients=grads, scores=scores, input_size=size, method=cam_method.name,
-            layer_name=name, counterfactual=counterfactual,
-        ))
+        by_method = {}
+        for cam_method in cam_methods:
+            signed = cam_method.signed_map(acts, grads)
+            by_method[cam_method.name] = Explanation(
+                layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=acts,
+                gradients=grads, scores=scores, input_size=size, method=cam_method.name,
+                layer_name=name, counterfactual=counterfactual,
+            )
+        results.append(by_method if is_several(method) else by_method[cam_methods[0].name])
     return results if isinstance(layer, (list, tuple)) else results[0]
 
 
 def counterfactual(model: nn.Module, inputs: Inputs, targets: Sequence[Target], layer: LayerSpec,
-                   method: str = "gradcam", **kwargs: Any) -> Explanation:
+                   method: MethodSpec = "gradcam", **kwargs: Any) -> Explanation | dict[str, Explanation]:
     """Counterfactual maps (negated gradients): regions whose removal would raise the targets."""
     return explain(model, inputs, targets, layer, method, counterfactual=True, **kwargs)
