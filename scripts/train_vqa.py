@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank-images", action="store_true", help="question-only baseline")
     parser.add_argument("--init-encoder", type=Path, default=None,
                         help="start the image encoder from a trained default captioner (a model directory)")
+    parser.add_argument("--fusion", choices=["attention", "film"], default="film",
+                        help="film: question-conditioned residual convolutions over the grid (default); "
+                             "attention: question tokens attending over the regions (the first shipped model)")
+    parser.add_argument("--dilations", default="1,2,4,8", help="FiLM blocks' dilations (one block each)")
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="keep that encoder fixed: its features are computed once and only the question "
                              "fusion and classifier train (many cheap steps instead of few costly ones)")
@@ -79,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     answer_list = sorted({a["multiple_choice_answer"] for a in train["answers"]["annotations"]})
     answers = {a: i for i, a in enumerate(answer_list)}
     max_question = 16
+    encoder = args.encoder
+    if args.init_encoder:  # the trunk must be built as the captioner's was
+        encoder = checkpoints.read_config(args.init_encoder).get("encoder")
     config = {"task": "vqa", "family": "default", "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // 8,
               "dim": args.dim, "layers": args.layers, "heads": args.heads, "max_question": max_question,
+              "fusion": args.fusion, "dilations": [int(d) for d in args.dilations.split(",")], "encoder": encoder,
               "vocabulary": vocab.words, "answers": answer_list, "blank_images": args.blank_images,
               "trained_with": " ".join(sys.argv if argv is None else argv), "seed": args.seed}
     model = build_vqa_model(config)

@@ -303,7 +303,75 @@ class AnswerNet(nn.Module):
         return self.classifier(self.norm(x[:, 0]))
 
 
-def build_vqa_model(config: dict) -> AnswerNet:
+class FiLMBlock(nn.Module):
+    """A residual block whose convolution is modulated by the question (FiLM, Perez et al. 2018):
+    relu(x + relu(gamma * norm(conv(x)) + beta)). Dilation widens the view so that relations
+    between objects far apart ("left of the red circle") reach one cell."""
+
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=dilation, dilation=dilation, bias=False)
+        self.norm = nn.BatchNorm2d(dim, affine=False)
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x)) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        return torch.relu(x + torch.relu(y))
+
+
+class FiLMAnswerNet(nn.Module):
+    """Encoder + question-conditioned per-region features + a classifier on pooled regions.
+
+    The question (a GRU over its words) sets the scale and shift of every channel of a stack of
+    residual convolutions over the 16x16 grid (with coordinate channels, for relations); the
+    answer is read from the max- and mean-pooled result. The gradient of an answer therefore
+    reaches the image through the features of the regions that carry it, not mainly through
+    attention keys. ``forward(pixel_values, input_ids, attention_mask=None) -> logits (B, A)``.
+    """
+
+    def __init__(self, vocab_size: int, num_answers: int, dim: int = 128, dilations: Sequence[int] = (1, 2, 4, 8),
+                 max_question: int = 16, encoder: dict | None = None):
+        super().__init__()
+        self.encoder = ShapesEncoder(encoder)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.question = nn.GRU(dim, dim, batch_first=True)
+        self.project = nn.Sequential(nn.Conv2d(self.encoder.out_channels + 2, dim, 1, bias=False),
+                                     nn.BatchNorm2d(dim), nn.ReLU())
+        self.fusion = nn.ModuleList(FiLMBlock(dim, d) for d in dilations)
+        self.film = nn.Linear(dim, 2 * dim * len(self.fusion))
+        self.classifier = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, num_answers))
+        self.max_question = max_question
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.answer_features(self.encoder(pixel_values), input_ids, attention_mask)
+
+    def encode_question(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.shape[1] > self.max_question:
+            raise ValueError(f"{input_ids.shape[1]} question tokens exceed the model's limit of {self.max_question}")
+        states, _ = self.question(self.embed(input_ids))
+        lengths = (attention_mask.sum(1) if attention_mask is not None
+                   else torch.full((len(input_ids),), input_ids.shape[1], device=input_ids.device))
+        return states[torch.arange(len(input_ids), device=input_ids.device), lengths.long().clamp(min=1) - 1]
+
+    def answer_features(self, features: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Answer logits from encoder features (B, C, h, w) (training with a frozen encoder uses this)."""
+        b, _, h, w = features.shape
+        ys = torch.linspace(-1, 1, h, device=features.device, dtype=features.dtype)
+        xs = torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype)
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, -1, -1, -1)
+        x = self.project(torch.cat([features, coords], dim=1))
+        film = self.film(self.encode_question(input_ids, attention_mask)).view(b, len(self.fusion), 2, -1)
+        for k, block in enumerate(self.fusion):
+            x = block(x, film[:, k, 0], film[:, k, 1])
+        return self.classifier(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1))
+
+
+def build_vqa_model(config: dict) -> AnswerNet | FiLMAnswerNet:
+    if config.get("fusion") == "film":
+        return FiLMAnswerNet(len(config["vocabulary"]), len(config["answers"]), dim=config["dim"],
+                             dilations=config["dilations"], max_question=config["max_question"],
+                             encoder=config.get("encoder"))
     return AnswerNet(len(config["vocabulary"]), len(config["answers"]), dim=config["dim"], layers=config["layers"],
                      heads=config["heads"], max_question=config["max_question"], grid=config["grid"])
 

@@ -1,0 +1,193 @@
+"""Where each (layer x method) of a default-family model points, per word class, on a split.
+
+    python scripts/sweep_localization.py --data data/shapes --split val --limit 200
+    python scripts/sweep_localization.py --captioner runs/captioner/model --vqa runs/vqa/model --json sweep.json
+
+Captioner: the model's own greedy caption for each image; every shape noun ("circle", "stars")
+and color word whose object is in the image is scored against the union mask of the image's
+objects of that shape (color). VQA: every question that refers to objects and that the model
+answers correctly, except "no" / "zero" answers, is scored with the map of its answer against the
+union mask of the objects it refers to. All CAM methods come from one forward and one backward pass
+per layer. Metrics: pointing at 15 px (the map's maximum within 15 px of the mask) and the share
+of the map's mass inside the mask, beside a center baseline. The default layer and method of a
+shipped model are chosen from this table on the val split (README, "Measured defaults").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+import mmgradcam as mg
+from mmgradcam.data.shapes import COLORS, PLURALS, read_split
+from mmgradcam.eval.metrics import TOLERANCE_PX, center_gaussian, energy_inside, pointing_hit
+from mmgradcam.tasks import captioning, vqa
+
+SINGULAR = {plural: shape for shape, plural in PLURALS.items()} | {shape: shape for shape in PLURALS}
+REFUSED_ANSWERS = ("no", "zero", "0")
+
+
+def candidate_layers(model: torch.nn.Module) -> list[str]:
+    """Every residual block and stage of the trunk, and the projection to grid tokens."""
+    names = []
+    for stage in model.encoder.stage_names:
+        blocks = getattr(model.encoder, stage)
+        names += [f"encoder.{stage}.{i}" for i in range(len(blocks) - 1)] + [f"encoder.{stage}"]
+    return names + ["grid_tokens.project"]
+
+
+class Tally:
+    """Per (layer, method, word class): pointing hits and energies, with the center baseline."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
+
+    def add(self, key: tuple[str, str, str], heatmap: np.ndarray, mask: np.ndarray, distance: np.ndarray) -> None:
+        self.values[key].append((float(pointing_hit(heatmap, mask, TOLERANCE_PX, distance)),
+                                 energy_inside(heatmap, mask)))
+
+    def rows(self) -> list[dict]:
+        return [{"layer": layer, "method": method, "class": word_class, "n": len(v),
+                 "pointing_15px": float(np.mean([p for p, _ in v])), "energy": float(np.mean([e for _, e in v]))}
+                for (layer, method, word_class), v in sorted(self.values.items())]
+
+
+def masks_by_image(split: dict) -> tuple[dict[int, np.ndarray], dict[int, list[tuple[str, str, int]]]]:
+    names = {c["id"]: c["name"] for c in split["instances"]["categories"]}
+    masks, objects = {}, defaultdict(list)
+    for ann in split["instances"]["annotations"]:
+        masks[ann["id"]] = mask_utils.decode(ann["segmentation"]).astype(bool)
+        objects[ann["image_id"]].append((names[ann["category_id"]], ann["attributes"]["color"], ann["id"]))
+    return masks, objects
+
+
+def word_mask(word: str, here: list[tuple[str, str, int]], masks) -> tuple[str, np.ndarray] | None:
+    """(word class, union mask of the objects the word names) or None for other words."""
+    if word in SINGULAR:
+        ids, word_class = [i for s, _, i in here if s == SINGULAR[word]], "shape nouns"
+    elif word in COLORS:
+        ids, word_class = [i for _, c, i in here if c == word], "colors"
+    else:
+        return None
+    return (word_class, np.any([masks[i] for i in ids], axis=0)) if ids else None
+
+
+def sweep_captioner(name: str, split: dict, images: list[dict], masks, objects, layers: list[str] | None,
+                    batch_size: int) -> Tally:
+    captioner = captioning.load(name)
+    layers = layers or candidate_layers(captioner.model)
+    tally = Tally()
+    for start in range(0, len(images), batch_size):
+        infos = images[start:start + batch_size]
+        pils = [Image.open(split["images_dir"] / info["file_name"]).convert("RGB") for info in infos]
+        captions = captioner.generate_batch(pils)
+        by_layer = {layer: captioner.explain_batch(pils, captions, method="all", layer=layer) for layer in layers}
+        for b, info in enumerate(infos):
+            for j, word in enumerate(by_layer[layers[0]][b].words):
+                named = word_mask(word, objects[info["id"]], masks)
+                if named is None:
+                    continue
+                word_class, mask = named
+                distance = ndimage.distance_transform_edt(~mask)
+                tally.add(("-", "center", word_class), center_gaussian(mask.shape), mask, distance)
+                for layer, results in by_layer.items():
+                    for method, (maps, _, _) in results[b].method_maps.items():
+                        tally.add((layer, method, word_class), maps[j].numpy(), mask, distance)
+        print(f"captioner: {start + len(infos)}/{len(images)} images", file=sys.stderr, flush=True)
+    return tally
+
+
+def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[str] | None) -> tuple[Tally, dict]:
+    model = vqa.load(name)
+    layers = layers or candidate_layers(model.model)
+    keep = {info["id"]: info for info in images}
+    answers = {a["question_id"]: a for a in split["answers"]["annotations"]}
+    tally, accuracy = Tally(), {"correct": 0, "questions": 0}
+    for number, question in enumerate(split["questions"]["questions"]):
+        info = keep.get(question["image_id"])
+        if info is None:
+            continue
+        annotation = answers[question["question_id"]]
+        pil = Image.open(split["images_dir"] / info["file_name"]).convert("RGB")
+        inputs, geometry = model.model_inputs(pil, question["question"])
+        answer = model.ranked_answers(inputs, 1)[0][0]
+        accuracy["questions"] += 1
+        correct = answer == annotation["multiple_choice_answer"]
+        accuracy["correct"] += correct
+        if not (correct and annotation["object_ids"] and answer not in REFUSED_ANSWERS):
+            continue
+        mask = np.any([masks[i] for i in annotation["object_ids"]], axis=0)
+        distance = ndimage.distance_transform_edt(~mask)
+        classes = ("VQA answers", f"VQA {annotation['question_type']}")
+        for word_class in classes:
+            tally.add(("-", "center", word_class), center_gaussian(mask.shape), mask, distance)
+        for layer in layers:
+            result = model.explain_inputs(inputs, geometry, question["question"], answer, method="all", layer=layer)
+            for method, (maps, _, _) in result.method_maps.items():
+                for word_class in classes:
+                    tally.add((layer, method, word_class), maps[0].numpy(), mask, distance)
+        if number % 100 == 0:
+            print(f"vqa: question {number}", file=sys.stderr, flush=True)
+    accuracy["accuracy"] = accuracy["correct"] / max(accuracy["questions"], 1)
+    return tally, accuracy
+
+
+def markdown(rows: list[dict], chosen: tuple[str, str] | None = None) -> str:
+    classes = sorted({r["class"] for r in rows}, key=lambda c: (c.startswith("VQA "), c))
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["layer"], r["method"])][r["class"]] = r
+    lines = ["| layer | method | " + " | ".join(f"{c}: pointing / energy" for c in classes) + " |",
+             "|---|---|" + "---|" * len(classes)]
+    for (layer, method), cells in sorted(table.items(), key=lambda kv: (kv[0][0] == "-", kv[0])):
+        mark = " **(default)**" if chosen == (layer, method) else ""
+        values = [f"{100 * cells[c]['pointing_15px']:.1f} / {100 * cells[c]['energy']:.1f} (n={cells[c]['n']})"
+                  if c in cells else "—" for c in classes]
+        lines.append(f"| {layer} | {method}{mark} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, default=200, help="images (questions of these images for VQA)")
+    parser.add_argument("--captioner", default="default", help="model directory, 'default', or 'none'")
+    parser.add_argument("--vqa", default="default", help="model directory, 'default', or 'none'")
+    parser.add_argument("--layers", default=None, help="comma-separated layer names (default: every trunk block)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.split == "test":
+        print("note: defaults are chosen on val; a test-split sweep is for reporting only", file=sys.stderr)
+    split = read_split(args.data, args.split)
+    images = split["instances"]["images"][:args.limit]
+    masks, objects = masks_by_image(split)
+    layers = args.layers.split(",") if args.layers else None
+    report = {"split": args.split, "images": len(images), "methods": mg.available_methods()}
+    if args.captioner != "none":
+        tally = sweep_captioner(args.captioner, split, images, masks, objects, layers, args.batch_size)
+        report["captioner"] = {"model": args.captioner, "rows": tally.rows()}
+        print(f"## captioner {args.captioner} ({args.split}, {len(images)} images)\n")
+        print(markdown(report["captioner"]["rows"]) + "\n")
+    if args.vqa != "none":
+        tally, accuracy = sweep_vqa(args.vqa, split, images, masks, layers)
+        report["vqa"] = {"model": args.vqa, "rows": tally.rows(), **accuracy}
+        print(f"## VQA {args.vqa} ({args.split}, {len(images)} images, accuracy {100 * accuracy['accuracy']:.1f}% "
+              f"of {accuracy['questions']} questions)\n")
+        print(markdown(report["vqa"]["rows"]) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
