@@ -27,6 +27,38 @@ def _print_caption(result) -> None:
         print(f"  {word:<12} {logprob:8.3f}")
 
 
+def _print_notice(result) -> None:
+    """A default model's note that the image is not one it knows, once, on stderr (stdout keeps
+    the results, so scripts reading it see no change)."""
+    if getattr(result, "notice", None):
+        print(f"note: {result.notice}", file=sys.stderr)
+
+
+def _compare_method(captioner, requested: str | None, method: str) -> str | None:
+    """The method the caption figure draws in a second row beside ``method``'s: --compare-method,
+    else the model config's "compare_method"; None for "none", for none given, or when it is
+    ``method``'s first method already."""
+    from . import available_methods
+    from .methods.base import method_names
+    from .tasks.captioning import PIXEL_METHODS
+
+    explicit = requested is not None
+    if not explicit:
+        config = getattr(captioner, "config", None)  # default-family models keep their config.json
+        requested = config.get("compare_method") if isinstance(config, dict) else None
+    if requested is None or requested.strip().lower() == "none":
+        return None
+    names = method_names(requested, known=available_methods())
+    if len(names) != 1:
+        raise ValueError(f"--compare-method takes one method, got {requested!r}")
+    first = method_names(method, known=[*available_methods(), *PIXEL_METHODS])[0]
+    if first in PIXEL_METHODS:  # Guided Grad-CAM's figure has no CAM row to set beside another
+        if explicit:
+            raise ValueError(f"--compare-method needs a CAM --method, not {first!r}")
+        return None
+    return None if names[0] == first else names[0]
+
+
 def _explain_caption(image, args: argparse.Namespace, out: Path):
     from .report.figures import caption_figure
     from .tasks import captioning
@@ -34,9 +66,13 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
 
     pil = load_image(image, what="IMAGE")
     captioner = captioning.load(args.model)
-    # every method from one forward and backward pass (the report gets a method switch)
-    result = captioner.explain(pil, caption=args.caption, method=args.method, layer=args.layer,
-                               counterfactual=args.counterfactual, beam_size=args.beam)
+    method = args.method or captioner.default_method
+    compare = _compare_method(captioner, args.compare_method, method)
+    # every method, the compared one included, from one forward and backward pass (the report gets
+    # a method switch)
+    result = captioner.explain(pil, caption=args.caption, method=method if compare is None else f"{method},{compare}",
+                               layer=args.layer, counterfactual=args.counterfactual, beam_size=args.beam)
+    _print_notice(result)
     methods = result.methods
     arrays = result.arrays()
     summary = {**result.summary(), "methods": methods}
@@ -57,7 +93,7 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     _print_caption(result)
     _write_outputs(out, summary, arrays, pil)
     figure = caption_figure(pil, result, out / "caption.png", common_scale=args.common_scale,
-                            formats=args.formats)
+                            formats=args.formats, compare=compare)
     print(f"wrote {figure}, {out / 'result.json'}, {out / 'maps.npz'}")
     if args.html:
         _write_html(out, args.common_scale)
@@ -75,6 +111,9 @@ def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--method", default="gradcam",
                         help="gradcam, gradcam++, hirescam, xgradcam, layercam or guided-gradcam; "
                              "several separated by commas (the report gets a method switch)")
+    parser.add_argument("--compare-method", default=None,
+                        help="also draw this method's maps in a second row of caption.png (same pass); default: "
+                             "the model config's compare_method, if any; 'none' for one row")
     parser.add_argument("--layer", default=None, help="dotted layer name (default: the model's preset)")
     parser.add_argument("--counterfactual", action="store_true", help="maps of what speaks against each word")
     parser.add_argument("--beam", type=int, default=1, help="beam size when generating the caption")
@@ -104,6 +143,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     result = model.explain(pil, args.question, answer=args.answer or None, top_k=args.top_k, method=args.method,
                            counterfactual=args.counterfactual, contrast=args.contrast, score=args.score,
                            layer=args.layer)
+    _print_notice(result)
     print(f"Q: {args.question}")
     for answer, probability in result.top_answers[:max(args.top_k, 1)]:
         print(f"  {answer:<10} {probability:6.3f}")
@@ -259,22 +299,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.shapes import make_image
+    from .tasks.shapes_world import DEMO_SEED
 
-    pixels, objects, _ = make_image(args.seed, seed=20_251_121, size=args.size)
+    pixels, objects, _ = make_image(args.seed, seed=DEMO_SEED, size=args.size)
     args.out.mkdir(parents=True, exist_ok=True)
     image_path = args.out / "image.png"
     Image.fromarray(pixels).save(image_path)
     print(f"shapes-world image {image_path}: " + ", ".join(f"{o.color} {o.shape}" for o in objects))
     args.caption = None
     result = _explain_caption(image_path, args, args.out)
-    # a quick look at localization: does each shape word's map peak inside an object of that shape?
-    for j, word in enumerate(result.words):
-        matching = [o for o in objects if word in (o.shape, o.shape + "s")]
-        if matching:
-            y, x = result.summary()["words"][j]["peak_yx"]
-            hit = any(o.mask[y, x] for o in matching)
-            print(f"  map of {word!r} peaks at (y={y}, x={x}): {'inside' if hit else 'outside'} the {word}")
+    _print_peaks(result, objects)
     return 0
+
+
+def _print_peaks(result, objects) -> None:
+    """A quick look at localization: does each shape noun's map (the figure's first method) peak
+    inside an object of that shape? Then the same count for every other method of the pass."""
+    from .tasks.shapes_world import shape_word_peaks
+
+    for peak in shape_word_peaks(result.words, result.maps, objects):
+        where = (f"{'inside' if peak.inside else 'outside'} the {peak.word}" if peak.named
+                 else f"the image has no {peak.word}")
+        print(f"  map of {peak.word!r} peaks at (y={peak.y}, x={peak.x}): {where}")
+    for method in result.methods[1:]:
+        peaks = shape_word_peaks(result.words, result.for_method(method).maps, objects)
+        print(f"  {method}: {sum(p.inside for p in peaks)} of {len(peaks)} shape nouns' maps peak inside")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

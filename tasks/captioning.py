@@ -123,6 +123,7 @@ class CaptionExplanation:
     alphas: torch.Tensor | None = None  # (n_words, C): Grad-CAM channel weights (mean gradient)
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, caption_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    notice: str | None = None  # set when the image lies outside what the model knows (default models)
 
     @property
     def methods(self) -> list[str]:
@@ -239,9 +240,13 @@ class Captioner(Adapter):
 
         ``method``: the model's default (``default_method``) when None; several ("gradcam,layercam",
         a list, or "all") are computed from the same forward and backward pass: ``maps`` holds the
-        first one's, ``method_maps`` / ``for_method(name)`` every one's."""
-        return self.explain_batch([image], [caption], method=method, layer=layer, counterfactual=counterfactual,
-                                  beam_size=beam_size, batched=batched)[0]
+        first one's, ``method_maps`` / ``for_method(name)`` every one's. ``notice``: a short note
+        when the model does not know images like this one (None otherwise)."""
+        pil = load_image(image)
+        result = self.explain_batch([pil], [caption], method=method, layer=layer, counterfactual=counterfactual,
+                                    beam_size=beam_size, batched=batched)[0]
+        result.notice = self.domain_notice(pil)
+        return result
 
     def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,

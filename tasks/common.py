@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from torch import nn
 
 from mmgradcam.engine import resolve_layer
@@ -23,6 +26,12 @@ class Adapter:
     layer_reason: str = ""
     default_method: str = "gradcam"
     layer_options: dict[str, Any] = {}
+    # image -> a short note when the image lies outside what the model knows (None: silent);
+    # load_adapter sets the shapes-world check for the default family, other models know the world
+    domain_check: Callable[[Image.Image], str | None] | None = None
+
+    def domain_notice(self, image: Image.Image) -> str | None:
+        return None if self.domain_check is None else self.domain_check(image)
 
     @property
     def layer_root(self) -> nn.Module:
@@ -51,8 +60,11 @@ def load_adapter(task: str, name: str | Path | nn.Module, processor: Any = None,
     from . import default, hf
 
     if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
+        from .shapes_world import domain_notice
+
         adapter = default.load_default(task, name)
         adapter.name = str(name)
+        adapter.domain_check = partial(domain_notice, task=task)
         return adapter
     return hf.load_hf(name, task, processor=processor, tokenizer=tokenizer, image_processor=image_processor,
                       trust_remote_code=trust_remote_code)

@@ -58,6 +58,7 @@ class VQAExplanation:
     alphas: torch.Tensor | None = None  # (K, C): Grad-CAM channel weights (mean gradient)
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, contrast_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    notice: str | None = None  # set when the image lies outside what the model knows (default models)
 
     @property
     def methods(self) -> list[str]:
@@ -144,11 +145,15 @@ class VQAModel(Adapter):
         ``for_method(name)``), ``maps`` holding the first one's.
 
         counterfactual: negated gradients, "why not this answer". contrast: also the map of the
-        first answer's score minus ``contrast``'s.
+        first answer's score minus ``contrast``'s. ``notice``: a short note when the model does not
+        know images like this one (None otherwise).
         """
-        inputs, geometry = self.model_inputs(load_image(image), question)
-        return self.explain_inputs(inputs, geometry, question, answer, method=method, counterfactual=counterfactual,
-                                   contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
+        pil = load_image(image)
+        inputs, geometry = self.model_inputs(pil, question)
+        result = self.explain_inputs(inputs, geometry, question, answer, method=method, counterfactual=counterfactual,
+                                     contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
+        result.notice = self.domain_notice(pil)
+        return result
 
     def explain_inputs(self, inputs: dict[str, torch.Tensor], geometry: Any, question: str,
                        answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,

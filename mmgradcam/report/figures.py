@@ -8,7 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -30,32 +32,66 @@ def overlay(ax, image: Image.Image | np.ndarray, heatmap: torch.Tensor | np.ndar
     return shown
 
 
-def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequence[str], path: str | Path,
-             suptitle: str = "", common_scale: bool = False, columns: int = 6, dpi: int = 150,
-             formats: Sequence[str] = ()) -> Path:
-    """The image, then one overlay per map; ``common_scale`` puts every map on one color scale.
+# A block of a grid: the label over its image cell, then one overlay per map with its title.
+Block = tuple[str, torch.Tensor, Sequence[str]]
 
-    Saved as PNG at ``path`` (150 dpi) and, for each of ``formats`` ("svg", "pdf"), beside it."""
-    count = len(titles) + 1
-    cols = min(columns, count)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows + (0.4 if suptitle else 0)), squeeze=False)
-    axes[0, 0].imshow(_array(image))
-    axes[0, 0].set_title("image", fontsize=9)
-    vmax = float(maps.max()) if common_scale and float(maps.max()) > 0 else None
-    for k, title in enumerate(titles):
-        ax = axes[(k + 1) // cols, (k + 1) % cols]
-        shown = overlay(ax, image, maps[k], title, vmax=vmax)
-        if not common_scale:
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    for ax in axes.flat[count:]:
+
+def _tick_label(value: float, _position: object = None) -> str:
+    """A colorbar tick without matplotlib's offset or "1e-5" multiplier: that text sits above the
+    colorbar, where it ran into the next panel's title. Small and large values get a short
+    exponent of their own instead ("3.2e-5")."""
+    if value == 0:
+        return "0"
+    if 0.01 <= abs(value) < 1000:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _colorbar(fig, shown, axes, **kwargs) -> None:
+    """A colorbar with two ticks, its range's ends (0 and the map's maximum), in short labels."""
+    bar = fig.colorbar(shown, ax=axes, **kwargs)
+    low, high = shown.get_clim()
+    bar.set_ticks([low, high])
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
+    bar.ax.tick_params(labelsize=6)
+
+
+def grid_figure(image: Image.Image | np.ndarray, blocks: Sequence[Block], suptitle: str = "",
+                common_scale: bool = False, columns: int = 6) -> matplotlib.figure.Figure:
+    """Each block starts a new row: its image cell (titled with the block's label), then one
+    overlay per map, wrapping after ``columns`` cells; so the k-th map of every block sits in the
+    same column. ``common_scale`` puts every map of every block on one color scale."""
+    cells = [1 + len(titles) for _, _, titles in blocks]
+    cols = min(columns, max(cells))
+    block_rows = [math.ceil(c / cols) for c in cells]
+    rows = sum(block_rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows + (0.4 if suptitle else 0)), squeeze=False,
+                             layout="constrained")
+    every = torch.cat([maps.reshape(-1) for _, maps, _ in blocks]) if blocks else torch.zeros(1)
+    vmax = float(every.max()) if common_scale and float(every.max()) > 0 else None
+    shown = None
+    first_row = 0
+    for (label, maps, titles), count in zip(blocks, block_rows):
+        cell = axes[first_row:first_row + count].ravel()
+        cell[0].imshow(_array(image))
+        cell[0].set_title(label, fontsize=9)
+        for k, title in enumerate(titles):
+            shown = overlay(cell[k + 1], image, maps[k], title, vmax=vmax)
+            if not common_scale:
+                _colorbar(fig, shown, cell[k + 1], fraction=0.046, pad=0.02)
+        first_row += count
+    for ax in axes.flat:
         ax.axis("off")
-    for ax in axes.flat[:1]:
-        ax.axis("off")
-    if common_scale:
-        fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    if common_scale and shown is not None:
+        _colorbar(fig, shown, axes.ravel().tolist(), fraction=0.02, pad=0.01)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
+    return fig
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: str | Path, dpi: int = 150, formats: Sequence[str] = ()) -> Path:
+    """Save as PNG at ``path`` and, for each of ``formats`` ("svg", "pdf"), beside it; close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
@@ -66,12 +102,37 @@ def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequen
     return path
 
 
-def caption_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False,
-                   formats: Sequence[str] = ()) -> Path:
-    """Per-word grid for a CaptionExplanation: each word with its log-probability as the title."""
+def map_grid(image: Image.Image | np.ndarray, maps: torch.Tensor, titles: Sequence[str], path: str | Path,
+             suptitle: str = "", common_scale: bool = False, columns: int = 6, dpi: int = 150,
+             formats: Sequence[str] = ()) -> Path:
+    """The image, then one overlay per map; ``common_scale`` puts every map on one color scale.
+
+    Saved as PNG at ``path`` (150 dpi) and, for each of ``formats`` ("svg", "pdf"), beside it."""
+    fig = grid_figure(image, [("image", maps, titles)], suptitle=suptitle, common_scale=common_scale,
+                      columns=columns)
+    return save_figure(fig, path, dpi=dpi, formats=formats)
+
+
+def caption_blocks(result, compare: str | None = None) -> list[Block]:
+    """A CaptionExplanation's maps as grid blocks: its own method's (each word with its
+    log-probability) and, when ``compare`` names another method of the same pass, that one's in
+    a second block, its label and titles naming the method."""
     titles = [f"{w}  ({lp:.2f})" for w, lp in zip(result.words, result.word_logprobs)]
-    suptitle = f"\u201c{result.caption}\u201d  \u2014 {result.method}"
-    return map_grid(image, result.maps, titles, path, suptitle=suptitle, common_scale=common_scale, formats=formats)
+    if compare is None:
+        return [("image", result.maps, titles)]
+    other = result.for_method(compare)
+    return [(result.method, result.maps, titles),
+            (other.method, other.maps, [f"{other.method}: {w}" for w in result.words])]
+
+
+def caption_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False,
+                   formats: Sequence[str] = (), compare: str | None = None) -> Path:
+    """Per-word grid for a CaptionExplanation: each word with its log-probability as the title;
+    with ``compare`` (a method computed in the same pass), a second row block of that method."""
+    methods = result.method if compare is None else f"{result.method} and {result.for_method(compare).method}"
+    suptitle = f"\u201c{result.caption}\u201d  \u2014 {methods}"
+    fig = grid_figure(image, caption_blocks(result, compare), suptitle=suptitle, common_scale=common_scale)
+    return save_figure(fig, path, formats=formats)
 
 
 def vqa_figure(image: Image.Image | np.ndarray, result, path: str | Path, common_scale: bool = False,
