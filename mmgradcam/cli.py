@@ -7,7 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, available_methods
+
+
+def _method_help(extra: Sequence[str] = (), several: str = "") -> str:
+    """--method's help: the registered methods (not a hard-coded list), "all", the default."""
+    names = ", ".join([*available_methods(), *extra])
+    return (f"{names}; several separated by commas, or 'all' (every one from the same forward and backward "
+            f"pass{several}); default: the model's own default method")
 
 
 def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
@@ -70,8 +77,13 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     compare = _compare_method(captioner, args.compare_method, method)
     # every method, the compared one included, from one forward and backward pass (the report gets
     # a method switch)
-    result = captioner.explain(pil, caption=args.caption, method=method if compare is None else f"{method},{compare}",
-                               layer=args.layer, counterfactual=args.counterfactual, beam_size=args.beam)
+    if compare is not None:  # a list, so that "all" (not a name inside "all,hirescam") works too
+        from .methods.base import method_names
+        from .tasks.captioning import PIXEL_METHODS
+
+        method = [*method_names(method, known=[*available_methods(), *PIXEL_METHODS]), compare]
+    result = captioner.explain(pil, caption=args.caption, method=method, layer=args.layer,
+                               counterfactual=args.counterfactual, beam_size=args.beam)
     _print_notice(result)
     methods = result.methods
     arrays = result.arrays()
@@ -108,9 +120,8 @@ def _write_html(out: Path, common_scale: bool = False) -> None:
 
 def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--model", default="default", help="'default', a model directory (or HF id)")
-    parser.add_argument("--method", default="gradcam",
-                        help="gradcam, gradcam++, hirescam, xgradcam, layercam or guided-gradcam; "
-                             "several separated by commas (the report gets a method switch)")
+    parser.add_argument("--method", default=None,
+                        help=_method_help(["guided-gradcam"], "; maps@METHOD in maps.npz, a method switch in the report"))
     parser.add_argument("--compare-method", default=None,
                         help="also draw this method's maps in a second row of caption.png (same pass); default: "
                              "the model config's compare_method, if any; 'none' for one row")
@@ -147,14 +158,18 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     print(f"Q: {args.question}")
     for answer, probability in result.top_answers[:max(args.top_k, 1)]:
         print(f"  {answer:<10} {probability:6.3f}")
-    summary = result.summary()
+    summary = {**result.summary(), "methods": result.methods}
+    arrays = result.arrays()
+    for name, (_, _, contrast_map) in result.method_maps.items():
+        if contrast_map is not None:
+            arrays[f"contrast_map@{name}"] = contrast_map.numpy()
     if args.explain_text:
         from .eval.dissect import explain_text
 
         summary["textual_explanations"] = explain_text(model, result.answers, result.alphas, args.layer)
         for text in summary["textual_explanations"]:
             print(text["sentence"])
-    _write_outputs(args.out, summary, result.arrays(), pil)
+    _write_outputs(args.out, summary, arrays, pil)
     figure = vqa_figure(pil, result, args.out / "vqa.png", common_scale=args.common_scale, formats=args.formats)
     print(f"explained: {', '.join(result.answers)}" + (f" (against {args.contrast})" if args.contrast else ""))
     print(f"wrote {figure}, {args.out / 'result.json'}, {args.out / 'maps.npz'}")
@@ -201,7 +216,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
         model = vqa.load(args.model)
         answer = args.answer or model.answer(pil, args.question, top_k=1)[0][0]
         mask = _mask_for(args, Path(args.image), args.question.split())
-        result = attack_vqa_answer(model, pil, args.question, answer, args.to, eps=eps, steps=args.steps, mask=mask)
+        result = attack_vqa_answer(model, pil, args.question, answer, args.to, eps=eps, steps=args.steps, mask=mask,
+                                   method=args.method)
         subject = f"answer {answer!r} -> {args.to!r}"
     else:
         from .tasks import captioning
@@ -211,7 +227,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
         if not args.word:
             raise ValueError("name the caption word to change with --word (or a --question for VQA)")
         mask = _mask_for(args, Path(args.image), [args.word])
-        result = attack_caption_word(captioner, pil, caption, args.word, args.to, eps=eps, steps=args.steps, mask=mask)
+        result = attack_caption_word(captioner, pil, caption, args.word, args.to, eps=eps, steps=args.steps, mask=mask,
+                                     method=args.method)
         result["caption"] = caption
         subject = f"word {args.word!r} -> {args.to!r} in {caption!r}"
     arrays = result.pop("_arrays")
@@ -226,7 +243,10 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
         print(f"map of the original {'answer' if args.question else 'word'} vs the object's mask: energy "
               f"{maps['original']['energy']:.2f} -> {maps['adversarial']['energy']:.2f}, pointing "
               f"{maps['original']['pointing_15px']:.0f} -> {maps['adversarial']['pointing_15px']:.0f}")
-    print(f"rank correlation of the two maps: {maps['spearman']}")
+    print(f"rank correlation of the two maps ({result['method']}): {maps['spearman']}")
+    for name, other in result["methods"].items():
+        if name != result["method"]:
+            print(f"  {name}: {other['spearman']}")
     print(f"wrote {figure}, {args.out / 'result.json'}")
     return 0
 
@@ -242,18 +262,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     first, second = captioning.load(args.model_a), captioning.load(args.model_b)
     caption = args.caption or first.generate(pil)
     print(f"{args.model_a}: {first.generate(pil)}\n{args.model_b}: {second.generate(pil)}\nexplaining: {caption}")
+    # every method of a model from one pass; one row of the grid per model and method
     results = [m.explain(pil, caption, method=args.method) for m in (first, second)]
     words = results[0].words
     chosen = [j for j, w in enumerate(words) if not args.word or w in args.word]
     if not chosen:
         raise ValueError(f"--word {args.word} not in the caption {caption!r}")
-    maps = torch.cat([torch.stack([r.maps[j] for j in chosen]) for r in results])
-    titles = [f"{name}: {words[j]}" for name in ("A", "B") for j in chosen]
+    rows = [(name, r.for_method(method)) for name, r in zip(("A", "B"), results) for method in r.methods]
+    several = any(len(r.methods) > 1 for r in results)
+    maps = torch.cat([torch.stack([r.maps[j] for j in chosen]) for _, r in rows])
+    titles = [f"{name}{' ' + r.method if several else ''}: {words[j]}" for name, r in rows for j in chosen]
     path = map_grid(pil, maps, titles, args.out / "compare.png", suptitle=f"A = {args.model_a}, B = {args.model_b}",
                     columns=len(chosen) + 1)
     first_words, second_words = (r.summary()["words"] for r in results)
     summary = {"caption": caption, "models": [args.model_a, args.model_b],
+               "methods": {"A": results[0].methods, "B": results[1].methods},
                "words": [{"word": words[j], "A": first_words[j], "B": second_words[j]} for j in chosen]}
+    if several:
+        for entry, j in zip(summary["words"], chosen):
+            for name, r in rows:
+                entry.setdefault(f"{name} by method", {})[r.method] = r.summary()["words"][j]
     (args.out / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {path}")
     return 0
@@ -339,13 +367,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         method=args.method, layer=args.layer, limit=args.limit, batch_size=args.batch_size,
         references=args.references, synonyms=str(args.synonyms) if args.synonyms else None,
         sanity_images=args.sanity_images, faithfulness_images=args.faithfulness_images, seed=args.seed,
-        skip_captions=args.captions is None,
+        skip_captions=args.captions is None, function_words=not args.no_function_words,
     )
     summary = run_eval(config, progress=not args.quiet)
-    if summary is not None:
+    if summary is not None:  # rank 0 (the only process outside torchrun)
         print((Path(args.out) / "summary.md").read_text())
         if args.html:
-            _write_html(Path(args.out))
+            _write_html(Path(args.out))  # the figures too
+        else:
+            from .report.eval_report import write_eval_plots
+
+            write_eval_plots(Path(args.out))
     return 0
 
 
@@ -384,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--contrast", default=None, help="also map the first answer against this one")
     ask.add_argument("--score", choices=["logit", "logprob"], default="logit")
     ask.add_argument("--model", default="default", help="'default' or a model directory (or HF id)")
-    ask.add_argument("--method", default="gradcam")
+    ask.add_argument("--method", default=None,
+                     help=_method_help((), "; maps@METHOD in maps.npz, a method switch in the report"))
     ask.add_argument("--layer", default=None)
     ask.add_argument("--counterfactual", action="store_true", help="why not: negated gradients")
     ask.add_argument("--common-scale", action="store_true")
@@ -408,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--answers", type=Path, default=None, help="VQA v2 annotations json with object_ids")
     evaluate.add_argument("--model", default="default", help="captioner: 'default', a directory or HF id")
     evaluate.add_argument("--vqa-model", default="default", help="VQA model: 'default', a directory or HF id")
-    evaluate.add_argument("--method", default="gradcam")
+    evaluate.add_argument("--method", default=None,
+                          help=_method_help((), "; every method's maps are scored, the baselines once per word"))
     evaluate.add_argument("--layer", default=None)
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -416,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--synonyms", type=Path, default=None, help="extra word<TAB>category table")
     evaluate.add_argument("--sanity-images", type=int, default=0, help="model-randomization check on N images")
     evaluate.add_argument("--faithfulness-images", type=int, default=0, help="deletion/insertion AUCs on N images")
+    evaluate.add_argument("--no-function-words", action="store_true",
+                          help="score only words with a category or color (by default every other caption word "
+                               "is scored too, against the union of all objects in the image)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
@@ -444,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in grey levels (of 255)")
     attack.add_argument("--steps", type=int, default=40)
     attack.add_argument("--model", default="default")
+    attack.add_argument("--method", default=None, help=_method_help((), "; the figure shows the first"))
     attack.add_argument("--instances", type=Path, default=None, help="COCO instances describing IMAGE (for scoring)")
     attack.add_argument("--images", type=Path, default=None)
     attack.add_argument("--out", type=Path, default=Path("out/adversarial"))
@@ -455,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("image")
     compare.add_argument("--caption", default=None, help="caption to explain (default: model A's)")
     compare.add_argument("--word", action="append", default=[], help="only these words (repeatable)")
-    compare.add_argument("--method", default="gradcam")
+    compare.add_argument("--method", default=None, help=_method_help((), "; one row per model and method"))
     compare.add_argument("--out", type=Path, default=Path("out/compare"))
     compare.set_defaults(func=cmd_compare)
 

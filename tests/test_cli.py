@@ -74,3 +74,68 @@ def test_errors_are_clear(tmp_path, args, message):
     Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "img.png")
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_caption_method_all_writes_every_methods_maps_from_one_pass(tmp_path):
+    import mmgradcam as mg
+    from mmgradcam.tasks import captioning
+
+    pixels, objects, _ = make_image(3, seed=42, size=128)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    caption = f"a {objects[0].color} {objects[0].shape}"
+    result = run("caption", "img.png", "--caption", caption, "--method", "all", "--html", "--out", "all", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "all" / "result.json").read_text())
+    arrays = np.load(tmp_path / "all" / "maps.npz")
+    assert summary["methods"] == mg.available_methods() and summary["method"] == mg.available_methods()[0]
+    for name in mg.available_methods():
+        assert arrays[f"maps@{name}"].shape == (3, 128, 128)
+    np.testing.assert_array_equal(arrays["maps"], arrays[f"maps@{summary['method']}"])
+    assert not np.allclose(arrays["maps@gradcam"], arrays["maps@layercam"])
+    # the same maps as a run of that method alone; no --method: the model's own default method
+    captioner = captioning.load("default")
+    alone = captioner.explain(Image.open(tmp_path / "img.png"), caption, method="hirescam")
+    np.testing.assert_allclose(arrays["maps@hirescam"], alone.maps.numpy(), rtol=0, atol=1e-6)
+    result = run("caption", "img.png", "--caption", caption, "--out", "plain", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "plain" / "result.json").read_text())["method"] == captioner.default_method
+    html = (tmp_path / "all" / "report.html").read_text()
+    assert all(f'<option value="{name}">' in html for name in mg.available_methods())
+    # "all" with a second figure row (--compare-method) is still every method from the one pass
+    from mmgradcam.cli import main
+
+    assert main(["caption", str(tmp_path / "img.png"), "--caption", caption, "--method", "all",
+                 "--compare-method", "hirescam", "--out", str(tmp_path / "both")]) == 0
+    assert json.loads((tmp_path / "both" / "result.json").read_text())["methods"] == mg.available_methods()
+
+
+def test_vqa_several_methods_write_maps_per_method_and_a_method_switch(tmp_path):
+    pixels, objects, _ = make_image(5, seed=42, size=128)
+    Image.fromarray(pixels).save(tmp_path / "shapes.png")
+    result = run("vqa", "shapes.png", "how many circles are there ?", "--answer", "two", "--contrast", "one",
+                 "--method", "gradcam,layercam", "--html", "--out", "v", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "v" / "result.json").read_text())
+    arrays = np.load(tmp_path / "v" / "maps.npz")
+    assert summary["methods"] == ["gradcam", "layercam"]
+    for name in ("gradcam", "layercam"):
+        assert arrays[f"maps@{name}"].shape == (1, 128, 128) and arrays[f"contrast_map@{name}"].shape == (128, 128)
+    np.testing.assert_array_equal(arrays["maps"], arrays["maps@gradcam"])
+    np.testing.assert_array_equal(arrays["contrast_map"], arrays["contrast_map@gradcam"])
+    assert not np.allclose(arrays["maps@gradcam"], arrays["maps@layercam"])
+    html = (tmp_path / "v" / "report.html").read_text()
+    assert '<select class="method"><option value="gradcam">gradcam</option><option value="layercam">' in html
+
+
+def test_method_help_lists_the_registry_and_all(capsys):
+    import mmgradcam as mg
+    from mmgradcam.cli import build_parser
+
+    for command in ("caption", "vqa", "eval", "compare", "adversarial"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "'all'" in text and "default: the model's own default method" in text, command
+        assert all(name in text for name in mg.available_methods()), command
+        assert ("guided-gradcam" in text) == (command == "caption"), command
+    assert build_parser().parse_args(["eval", "--instances", "i", "--images", "d", "--out", "o"]).method is None

@@ -50,7 +50,8 @@ def test_outputs(reference_run):
     lines = [json.loads(line) for line in (reference_run / "results.jsonl").read_text().splitlines()]
     assert lines and {line["source"] for line in lines} == {"generated", "reference"}
     for line in lines:
-        assert line["class"] in ("noun", "color") and set(line) >= {"model", "center", "random", "word", "target"}
+        assert line["class"] in ("noun", "color", "function") and line["method"] == "gradcam"  # the model's default
+        assert set(line) >= {"model", "center", "random", "word", "target"}
         assert 0.0 <= line["model"]["energy"] <= 1.0
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["images"] == 12 and summary["words_scored"] == len(lines) and summary["incomplete_batches"] == 0

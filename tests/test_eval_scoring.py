@@ -56,6 +56,26 @@ def test_baselines_and_bootstrap():
     assert metrics.bootstrap_ci(values, seed=1) == (mean, low, high)
 
 
+def test_bootstrap_of_several_columns_equals_one_call_per_column():
+    rng = np.random.default_rng(4)
+    columns = {"energy": rng.random(333), "hit": (rng.random(333) > 0.6).astype(float), "iou": rng.random(333) ** 2}
+    together = metrics.bootstrap_cis(columns, seed=2)
+    assert together == {key: metrics.bootstrap_ci(values, seed=2) for key, values in columns.items()}
+    assert together["hit"][1] < together["hit"][0] < together["hit"][2]
+    with pytest.raises(ValueError, match="different lengths"):
+        metrics.bootstrap_cis({"a": [1.0, 2.0], "b": [1.0]})
+
+
+def test_function_words_are_every_other_word():
+    mapper = WordMapper(["circle", "teddy bear"], colors=["red"], use_wordnet=False)
+    words = "a red circle , left of the teddy bear <unk> 3".split()
+    got = [(m.index, m.word, m.word_class, m.target) for m in mapper.classify(words)]
+    assert got == [(0, "a", "function", "objects"), (1, "red", "color", "red"), (2, "circle", "noun", "circle"),
+                   (4, "left", "function", "objects"), (5, "of", "function", "objects"),
+                   (6, "the", "function", "objects"), (8, "teddy bear", "noun", "teddy bear")]
+    assert mapper.classify(words, function_words=False) == mapper.map(words)
+
+
 COCO_NAMES = sorted(set(load_synonyms().values()))
 
 

@@ -6,7 +6,9 @@ on log p(target) - log p(original) (captions: the word's teacher-forced log-prob
 the answers' scores). Gradients are taken with ``torch.autograd.grad`` on a copy of the input,
 never on the model's parameters. Then the map for the ORIGINAL word/answer is computed on the
 adversarial image and compared with the original image's map (and scored against the original
-object's mask when one is given).
+object's mask when one is given). ``method`` is the model's default when None; with several
+("gradcam,hirescam", "all") every method's maps come from the same explain call and "methods"
+holds each one's comparison ("maps" is the first method's).
 """
 from __future__ import annotations
 
@@ -70,6 +72,12 @@ def pgd(model, inputs: dict, objective: Callable, success: Callable, normalizati
     return AttackResult((x0 + delta).detach(), start, final, done, linf, used)
 
 
+def _per_method(before, after, mask: np.ndarray | None, index: int) -> dict:
+    """compare_maps for every method of two explanations computed with the same methods."""
+    return {name: compare_maps(before.method_maps[name][0][index].numpy(), after.method_maps[name][0][index].numpy(),
+                               mask) for name in before.methods}
+
+
 def compare_maps(original: np.ndarray, adversarial: np.ndarray, mask: np.ndarray | None) -> dict:
     out = {"spearman": float(spearmanr(original.ravel(), adversarial.ravel()).statistic)
            if original.std() > 0 and adversarial.std() > 0 else None}
@@ -80,7 +88,7 @@ def compare_maps(original: np.ndarray, adversarial: np.ndarray, mask: np.ndarray
 
 
 def attack_caption_word(captioner, image, caption: str, word: str, target: str, eps: float = 8 / 255,
-                        steps: int = 40, mask: np.ndarray | None = None, method: str = "gradcam") -> dict:
+                        steps: int = 40, mask: np.ndarray | None = None, method=None) -> dict:
     """Make the captioner say ``target`` instead of ``word`` (teacher-forced at that position)."""
     import re
 
@@ -114,13 +122,14 @@ def attack_caption_word(captioner, image, caption: str, word: str, target: str, 
         "objective_after": result.final_score, "adversarial_caption": generated,
         "word_logprob_before": before.word_logprobs[index], "word_logprob_after": after.word_logprobs[index],
         "maps": compare_maps(before.maps[index].numpy(), after.maps[index].numpy(), mask),
+        "method": before.method, "methods": _per_method(before, after, mask, index),
         "_arrays": {"original_map": before.maps[index].numpy(), "adversarial_map": after.maps[index].numpy(),
                     "adversarial_input": result.adversarial[0].numpy(), "original_input": prepared["pixel_values"][0].numpy()},
     }
 
 
 def attack_vqa_answer(model, image, question: str, answer: str, target: str, eps: float = 8 / 255, steps: int = 40,
-                      mask: np.ndarray | None = None, method: str = "gradcam") -> dict:
+                      mask: np.ndarray | None = None, method=None) -> dict:
     """Make the VQA model prefer ``target`` over ``answer``."""
     inputs, geometry = model.model_inputs(image, question)
     full, (original, wanted) = model.targets_for(inputs, [answer, target], "logit")
@@ -136,6 +145,7 @@ def attack_vqa_answer(model, image, question: str, answer: str, target: str, eps
         "flipped": result.flipped, "objective_before": result.original_score, "objective_after": result.final_score,
         "top_answer_after": after.top_answers[0][0] if after.top_answers else None,
         "maps": compare_maps(before.map.numpy(), after.map.numpy(), mask),
+        "method": before.method, "methods": _per_method(before, after, mask, 0),
         "_arrays": {"original_map": before.map.numpy(), "adversarial_map": after.map.numpy(),
                     "adversarial_input": result.adversarial[0].numpy(), "original_input": inputs["pixel_values"][0].numpy()},
     }

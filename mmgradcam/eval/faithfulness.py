@@ -6,6 +6,12 @@
 - Deletion / insertion (Petsiuk et al.): remove (gray) or insert (into a blurred copy) pixels in
   the order of the map and follow the word's probability; the area under the curve is compared
   with a random pixel order. Lower deletion AUC and higher insertion AUC mean a faithful map.
+
+Both take one method or several ("gradcam,hirescam", a list, "all"; None: the model's default):
+every explain call computes all of them from one forward and backward, and the results hold one
+entry per method under "methods" (the top-level numbers repeat the first method's). A method is
+FLAGGED when its maps keep their rank correlation with the trained model's maps after every
+weight has been randomized: mean |Spearman| >= SANITY_THRESHOLD at the last stage (100%).
 """
 from __future__ import annotations
 
@@ -18,6 +24,15 @@ from scipy.stats import spearmanr
 from torch import nn
 
 STAGES = (0.25, 0.5, 0.75, 1.0)
+# mean |Spearman rho| with the trained model's maps at 100% randomization from which a method's
+# maps are said to ignore the weights (Adebayo et al. call such maps "edge detectors")
+SANITY_THRESHOLD = 0.5
+
+
+def _method_list(captioner, method) -> list[str]:
+    from mmgradcam.methods.base import method_names
+
+    return method_names(captioner.default_method if method is None else method)
 
 
 def _parameter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -39,33 +54,45 @@ def _reinitialize(module: nn.Module, generator_seed: int) -> None:
         module.reset_running_stats()
 
 
-def randomization_study(captioner, images: Sequence, method: str = "gradcam", layer=None, seed: int = 0) -> dict:
-    """Spearman correlation of word maps before and after cascading weight randomization."""
+def randomization_study(captioner, images: Sequence, method=None, layer=None, seed: int = 0) -> dict:
+    """Spearman correlation of word maps before and after cascading weight randomization, per
+    method (one explain call per stage for all of them); ``flagged`` lists the methods whose maps
+    survive full randomization (mean |rho| >= SANITY_THRESHOLD)."""
     import torch
 
-    trained = captioner.explain_batch(list(images), method=method, layer=layer)
+    names = _method_list(captioner, method)
+    trained = captioner.explain_batch(list(images), method=names, layer=layer)
     captions = [r.caption for r in trained]
     clone = copy.copy(captioner)
     clone.model = copy.deepcopy(captioner.model)
     modules = _parameter_modules(clone.model)
     torch.manual_seed(seed)
-    stages, done = [], 0
+    stages: dict[str, list[dict]] = {name: [] for name in names}
+    done = 0
     for fraction in STAGES:
         upto = max(1, round(fraction * len(modules)))
-        for name, module in modules[done:upto]:
+        for _, module in modules[done:upto]:
             _reinitialize(module, seed)
         done = upto
-        randomized = clone.explain_batch(list(images), captions, method=method, layer=layer)
-        rhos = []
-        for before, after in zip(trained, randomized):
-            for j in range(len(before.words)):
-                a, b = before.layer_maps[j].flatten().numpy(), after.layer_maps[j].flatten().numpy()
-                if a.std() > 0 and b.std() > 0:
-                    rhos.append(float(spearmanr(a, b).statistic))
-        stages.append({"randomized_fraction": fraction, "randomized_down_to": modules[upto - 1][0],
-                       "words": len(rhos), "mean_spearman": float(np.mean(rhos)) if rhos else None,
-                       "mean_abs_spearman": float(np.mean(np.abs(rhos))) if rhos else None})
-    return {"images": len(images), "stages": stages}
+        randomized = clone.explain_batch(list(images), captions, method=names, layer=layer)
+        for name in names:
+            rhos = []
+            for before, after in zip(trained, randomized):
+                before_maps, after_maps = before.method_maps[name][1], after.method_maps[name][1]
+                for j in range(len(before.words)):
+                    a, b = before_maps[j].flatten().numpy(), after_maps[j].flatten().numpy()
+                    if a.std() > 0 and b.std() > 0:
+                        rhos.append(float(spearmanr(a, b).statistic))
+            stages[name].append({"randomized_fraction": fraction, "randomized_down_to": modules[upto - 1][0],
+                                 "words": len(rhos), "mean_spearman": float(np.mean(rhos)) if rhos else None,
+                                 "mean_abs_spearman": float(np.mean(np.abs(rhos))) if rhos else None})
+    per_method = {}
+    for name in names:
+        final = stages[name][-1]["mean_abs_spearman"]
+        per_method[name] = {"stages": stages[name], "final_mean_abs_spearman": final,
+                            "flagged": final is not None and final >= SANITY_THRESHOLD}
+    return {"images": len(images), "threshold": SANITY_THRESHOLD, "stages": stages[names[0]],
+            "methods": per_method, "flagged": [name for name in names if per_method[name]["flagged"]]}
 
 
 def _curve_images(image: np.ndarray, start: np.ndarray, order: np.ndarray, steps: int) -> list[Image.Image]:
@@ -86,29 +113,36 @@ def _auc(values: list[float]) -> float:
     return float(((v[1:] + v[:-1]) / 2).sum() / (len(v) - 1))
 
 
-def faithfulness_study(captioner, images: Sequence[Image.Image], method: str = "gradcam", layer=None,
+def faithfulness_study(captioner, images: Sequence[Image.Image], method=None, layer=None,
                        steps: int = 10, seed: int = 0) -> dict:
-    """Deletion and insertion AUCs of word probabilities, map order against random order."""
+    """Deletion and insertion AUCs of word probabilities, map order against random order, per
+    method (one explain call for all of them; the random order, one per word, is shared)."""
     rng = np.random.default_rng(seed)
-    results = captioner.explain_batch(list(images), method=method, layer=layer)
-    aucs = {(curve, order): [] for curve in ("deletion", "insertion") for order in ("map", "random")}
+    names = _method_list(captioner, method)
+    results = captioner.explain_batch(list(images), method=names, layer=layer)
+    curves = ("deletion", "insertion")
+    aucs = {(who, curve): [] for who in [*names, None] for curve in curves}  # None: the random order
     for pil, result in zip(images, results):
         image = np.asarray(pil.convert("RGB"))
         gray = np.full_like(image, 128)
         blurred = np.asarray(pil.convert("RGB").filter(ImageFilter.GaussianBlur(8)))
         frames, owners = [], []
         for j in range(len(result.words)):
-            by_map = np.argsort(-result.maps[j].numpy().reshape(-1), kind="stable")
-            random_order = rng.permutation(by_map.size)
-            for order_name, order in (("map", by_map), ("random", random_order)):
+            orders = {name: np.argsort(-result.method_maps[name][0][j].numpy().reshape(-1), kind="stable")
+                      for name in names}
+            orders[None] = rng.permutation(image.shape[0] * image.shape[1])
+            for who, order in orders.items():
                 # deletion: the image with the most important pixels grayed first
                 frames += _curve_images(gray, image, order, steps)
-                owners.append(("deletion", order_name, j))
+                owners.append((who, "deletion", j))
                 frames += _curve_images(image, blurred, order, steps)
-                owners.append(("insertion", order_name, j))
+                owners.append((who, "insertion", j))
         scores = captioner.score_batch(frames, [result.caption] * len(frames))
-        for n, (curve, order_name, j) in enumerate(owners):
+        for n, (who, curve, j) in enumerate(owners):
             probabilities = [float(np.exp(s[j])) for s in scores[n * (steps + 1):(n + 1) * (steps + 1)]]
-            aucs[(curve, order_name)].append(_auc(probabilities))
-    return {"images": len(images), "words": len(aucs[("deletion", "map")]), "steps": steps,
-            **{f"{curve}_auc_{order}": float(np.mean(v)) for (curve, order), v in aucs.items()}}
+            aucs[(who, curve)].append(_auc(probabilities))
+    random = {f"{curve}_auc_random": float(np.mean(aucs[(None, curve)])) for curve in curves}
+    per_method = {name: {**{f"{curve}_auc_map": float(np.mean(aucs[(name, curve)])) for curve in curves}, **random}
+                  for name in names}
+    return {"images": len(images), "words": len(aucs[(None, "deletion")]), "steps": steps,
+            **per_method[names[0]], "methods": per_method}

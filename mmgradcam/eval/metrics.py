@@ -91,11 +91,12 @@ def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANC
     }
 
 
-def score_maps(heatmaps: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, dict[str, float]]:
-    """``score_map`` for several maps of one mask (the model's and the baselines'), sharing the
-    mask's distance transform."""
+def score_maps(heatmaps: dict[str, np.ndarray], mask: np.ndarray,
+               distance_to_mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """``score_map`` for several maps of one mask (every method's and the baselines'), sharing the
+    mask's distance transform (pass ``distance_to_mask`` to reuse one across calls)."""
     mask = np.asarray(mask, dtype=bool)
-    distance = ndimage.distance_transform_edt(~mask)
+    distance = ndimage.distance_transform_edt(~mask) if distance_to_mask is None else distance_to_mask
     return {name: score_map(heatmap, mask, distance_to_mask=distance) for name, heatmap in heatmaps.items()}
 
 
@@ -128,3 +129,24 @@ def bootstrap_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, le
     means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def bootstrap_cis(columns: dict[str, Sequence[float]], samples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """``bootstrap_ci`` of several equally long columns (e.g. every metric of one group of words),
+    drawing the resampling indices once: the same numbers as one ``bootstrap_ci`` call per column
+    (same seed, same size, same draws), at a fraction of the cost."""
+    arrays = {key: np.asarray(values, dtype=np.float64) for key, values in columns.items()}
+    sizes = {a.size for a in arrays.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"columns of different lengths: {sorted(sizes)}")
+    size = sizes.pop() if sizes else 0
+    if size == 0:
+        return {key: (float("nan"), float("nan"), float("nan")) for key in arrays}
+    index = np.random.default_rng(seed).integers(0, size, size=(samples, size))
+    alpha = (1 - level) / 2
+    out = {}
+    for key, data in arrays.items():
+        means = data[index].mean(axis=1)
+        out[key] = (float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    return out

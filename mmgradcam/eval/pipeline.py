@@ -5,7 +5,14 @@ batch's result lines are appended to this process's shard file followed by a ``b
 marker, then flushed and fsynced; a rerun with the same arguments drops any incomplete tail,
 skips finished batches and, batches being fixed, ends with exactly the results of an
 uninterrupted run. Under torchrun, rank r takes batches k with k % world == r and rank 0 merges
-the shards into results.jsonl, summary.json, summary.md and the plots.
+the shards into results.jsonl, summary.json and summary.md.
+
+Several methods (``method="gradcam,hirescam"`` or ``"all"``) come from the same pass: each
+batch's captions are explained by ONE ``explain_batch`` call and each question by ONE
+``vqa.explain`` call for all methods; every method's map is scored, and the baselines (center
+Gaussian, uniform random), which do not depend on the method, once per word. results.jsonl has
+one line per scored word (or answer) per method, with a "method" field; the baselines are the
+same on every method's line of a word.
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+
+from mmgradcam.methods.base import method_names
 
 from .coco import CocoData, Skip, read_json
 from .metrics import METRICS, center_gaussian, score_maps, uniform_random
@@ -36,7 +46,7 @@ class EvalConfig:
     answers: str | None = None
     model: str = "default"
     vqa_model: str = "default"
-    method: str = "gradcam"
+    method: str | None = None  # None: each model's default method; "a,b" / "all": several from one pass
     layer: str | None = None
     limit: int | None = None
     batch_size: int = 16
@@ -46,6 +56,7 @@ class EvalConfig:
     faithfulness_images: int = 0
     seed: int = 0
     skip_captions: bool = False
+    function_words: bool = True  # also score every other caption word against all objects' union
     extra: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
@@ -109,9 +120,13 @@ def _append(path: Path, lines: list[dict], batch: int) -> None:
 
 
 # ----------------------------------------------------------------------------- scoring
-def _scores_with_baselines(heatmap: np.ndarray, mask: np.ndarray, seed: int) -> dict:
-    return score_maps({"model": heatmap, "center": center_gaussian(mask.shape),
-                       "random": uniform_random(mask.shape, seed)}, mask)
+def _scores_with_baselines(heatmaps: dict[str, np.ndarray], mask: np.ndarray, seed: int,
+                           distance: np.ndarray | None = None) -> tuple[dict[str, dict], dict, dict]:
+    """Every method's scores, and the center and random baselines' (once: they do not depend on
+    the method), against one mask."""
+    scores = score_maps({"center": center_gaussian(mask.shape), "random": uniform_random(mask.shape, seed),
+                         **{("method", name): heatmap for name, heatmap in heatmaps.items()}}, mask, distance)
+    return {name: scores[("method", name)] for name in heatmaps}, scores["center"], scores["random"]
 
 
 def _word_seed(seed: int, image_id: int, source: str, index: int) -> int:
@@ -132,8 +147,11 @@ class Evaluation:
         ids = sorted(self.data.images)
         self.image_ids = ids[:config.limit] if config.limit else ids
         self.questions = self._load_questions() if config.questions else {}
+        if config.method is not None:
+            method_names(config.method)  # an unknown name fails now, before any work
         self._captioner = None
         self._vqa = None
+        self._methods: dict[str, list[str]] = {}
         self._batch_maps: dict[str, np.ndarray] = {}
 
     # models are loaded lazily so a finished run can be re-summarized without them
@@ -152,6 +170,16 @@ class Evaluation:
 
             self._vqa = vqa.load(self.config.vqa_model)
         return self._vqa
+
+    def methods(self, task: str) -> list[str]:
+        """The methods explained for ``task`` ("captions" or "vqa"): ``config.method``, or the
+        model's own default method when it is None (loading the model)."""
+        if task not in self._methods:
+            spec = self.config.method
+            if spec is None:
+                spec = (self.captioner if task == "captions" else self.vqa).default_method
+            self._methods[task] = method_names(spec)
+        return self._methods[task]
 
     def _load_questions(self) -> dict[int, list[dict]]:
         if not self.config.answers:
@@ -249,17 +277,21 @@ class Evaluation:
         masks = {}
         for image_id, pil in loaded:
             by_category, by_color, bad = self.data.target_masks(image_id, pil.height, pil.width)
-            masks[image_id] = (by_category, by_color)
+            # a function word's mask: every object in the image (None when it has none)
+            objects = np.any(list(by_category.values()), axis=0) if by_category else None
+            masks[image_id] = (by_category, by_color, objects)
             lines += [s.as_line(k) for s in bad]
         if not self.config.skip_captions:
             jobs = [(image_id, pil, None, "generated") for image_id, pil in loaded]
             if self.config.references:
                 jobs += [(image_id, pil, self.data.captions[image_id][0], "reference")
                          for image_id, pil in loaded if self.data.captions.get(image_id)]
-            # only words that can be scored are explained: fewer targets, a cheaper batched backward
-            results = self.captioner.explain_batch([j[1] for j in jobs], [j[2] for j in jobs],
-                                                   method=self.config.method, layer=self.config.layer,
-                                                   select=lambda words: [m.index for m in self.mapper.map(words)])
+            # only words that can be scored are explained (fewer targets, a cheaper batched
+            # backward), and every method from this one call
+            function_words = self.config.function_words
+            results = self.captioner.explain_batch(
+                [j[1] for j in jobs], [j[2] for j in jobs], method=self.methods("captions"), layer=self.config.layer,
+                select=lambda words: [m.index for m in self.mapper.classify(words, function_words)])
             for (image_id, pil, _, source), result in zip(jobs, results):
                 lines += self._score_caption(k, image_id, source, result, masks[image_id])
         for image_id, pil in loaded:
@@ -292,19 +324,31 @@ class Evaluation:
         self._batch_maps = {}
 
     def _score_caption(self, k: int, image_id: int, source: str, result, masks) -> list[dict]:
-        by_category, by_color = masks
+        by_category, by_color, objects = masks
+        methods = self.methods("captions")
         lines = []
-        for mapped in self.mapper.map(result.words):
-            mask = (by_category if mapped.word_class == "noun" else by_color).get(mapped.target)
+        distances: dict[tuple[str, str], np.ndarray] = {}  # one distance transform per mask
+        for mapped in self.mapper.classify(result.words, self.config.function_words):
+            if mapped.word_class == "function":
+                mask = objects
+            else:
+                mask = (by_category if mapped.word_class == "noun" else by_color).get(mapped.target)
             if mask is None:
-                continue  # no instance of the word's category (or color) in this image: not scored
-            heatmap = result.maps[mapped.index].numpy()
-            scores = _scores_with_baselines(heatmap, mask, _word_seed(self.config.seed, image_id, source, mapped.index))
-            self._keep_map(f"{image_id}/{source}/{mapped.index}", heatmap)
-            lines.append({"kind": "word", "batch": k, "image_id": image_id, "source": source,
-                          "caption": result.caption, "word_index": mapped.index, "word": mapped.word,
-                          "class": mapped.word_class, "target": mapped.target,
-                          "logprob": result.word_logprobs[mapped.index], **scores})
+                continue  # no instance of the word's category (or color; any object) in this image: not scored
+            key = (mapped.word_class, mapped.target)
+            if key not in distances:
+                distances[key] = ndimage.distance_transform_edt(~mask)
+            heatmaps = {name: result.method_maps[name][0][mapped.index].numpy() for name in methods}
+            scores, center, random = _scores_with_baselines(
+                heatmaps, mask, _word_seed(self.config.seed, image_id, source, mapped.index), distances[key])
+            if mapped.word_class != "function":  # reports show object words' maps (the first method's)
+                self._keep_map(f"{image_id}/{source}/{mapped.index}", heatmaps[methods[0]])
+            for name in methods:
+                lines.append({"kind": "word", "batch": k, "image_id": image_id, "source": source,
+                              "caption": result.caption, "word_index": mapped.index, "word": mapped.word,
+                              "class": mapped.word_class, "target": mapped.target, "method": name,
+                              "logprob": result.word_logprobs[mapped.index], "model": scores[name],
+                              "center": center, "random": random})
         return lines
 
     def _score_question(self, k: int, image_id: int, pil, question: dict) -> list[dict]:
@@ -314,17 +358,20 @@ class Evaluation:
         mask = self.data.object_mask(object_ids, image_id, pil.height, pil.width)
         if mask is None:
             return [Skip("question", question.get("question_id"), "its objects have no usable mask").as_line(k)]
-        try:
-            result = self.vqa.explain(pil, question["question"], method=self.config.method, layer=self.config.layer)
+        methods = self.methods("vqa")
+        try:  # every method from one forward and backward
+            result = self.vqa.explain(pil, question["question"], method=methods, layer=self.config.layer)
         except ValueError as error:
             return [Skip("question", question.get("question_id"), str(error)).as_line(k)]
         truth = question.get("multiple_choice_answer")
-        scores = _scores_with_baselines(result.map.numpy(), mask,
-                                        _word_seed(self.config.seed, image_id, "vqa", int(question["question_id"])))
-        self._keep_map(f"{image_id}/vqa/{question['question_id']}", result.map.numpy())
+        heatmaps = {name: result.method_maps[name][0][0].numpy() for name in methods}
+        scores, center, random = _scores_with_baselines(
+            heatmaps, mask, _word_seed(self.config.seed, image_id, "vqa", int(question["question_id"])))
+        self._keep_map(f"{image_id}/vqa/{question['question_id']}", heatmaps[methods[0]])
         return [{"kind": "answer", "batch": k, "image_id": image_id, "question_id": question["question_id"],
                  "question": question["question"], "question_type": question.get("question_type", ""),
-                 "answer": result.answer, "truth": truth, "correct": result.answer == truth, **scores}]
+                 "method": name, "answer": result.answer, "truth": truth, "correct": result.answer == truth,
+                 "model": scores[name], "center": center, "random": random} for name in methods]
 
     # ------------------------------------------------------------------------- merge and summary
     def merged_lines(self) -> Iterator[dict]:
@@ -351,14 +398,15 @@ class Evaluation:
 
             ids = self.image_ids[:max(self.config.sanity_images, self.config.faithfulness_images)]
             images, _ = self._load_images(ids)
+            methods = self.methods("captions")  # every method from each explain call of the studies
             if self.config.sanity_images:
                 summary["sanity"] = randomization_study(self.captioner, [p for _, p in images[:self.config.sanity_images]],
-                                                        method=self.config.method, layer=self.config.layer)
+                                                        method=methods, layer=self.config.layer)
             if self.config.faithfulness_images:
                 summary["faithfulness"] = faithfulness_study(
                     self.captioner, [p for _, p in images[:self.config.faithfulness_images]],
-                    method=self.config.method, layer=self.config.layer, seed=self.config.seed)
-        write_reports(self.out, summary, lines)
+                    method=methods, layer=self.config.layer, seed=self.config.seed)
+        write_reports(self.out, summary)
         return summary
 
 

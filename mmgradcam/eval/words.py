@@ -8,6 +8,7 @@ from the table maps to a category its first senses are hyponyms of ("puppy" -> d
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,10 @@ IRREGULAR_PLURALS = {
     "skies": "sky", "boxes": "box", "dishes": "dish", "couches": "couch", "matches": "match", "bunches": "bunch",
     "toothbrushes": "toothbrush", "giraffes": "giraffe", "cacti": "cactus", "loaves": "loaf", "shelves": "shelf",
 }
-WORD_CLASSES = ("noun", "color")
+WORD_CLASSES = ("noun", "color", "function")
+# A function word ("a", "and", "left", ...: any word that names no category or color) has no
+# object of its own; it is scored against the union of every object's mask in the image.
+FUNCTION_TARGET = "objects"
 # Function words never go to WordNet (whose senses include "a" = vitamin A, "in" = inch ...).
 FUNCTION_WORDS = frozenset("""a an the of in on at to with and or is are was were be been there here this that
 these those it its his her their one two three four five some any each every by for from into onto near next
@@ -73,8 +77,8 @@ def singular(word: str, use_wordnet: bool = True) -> str:
 class MappedWord:
     index: int  # position in the word list (the head word of a two-word name)
     word: str
-    word_class: str  # "noun" or "color"
-    target: str  # category name, or color name
+    word_class: str  # "noun", "color" or "function"
+    target: str  # category name, color name, or FUNCTION_TARGET
 
 
 class WordMapper:
@@ -151,3 +155,18 @@ class WordMapper:
             if category is not None:
                 mapped.append(MappedWord(i, word, "noun", category))
         return sorted(mapped, key=lambda m: m.index)
+
+    def classify(self, words: Sequence[str], function_words: bool = True) -> list[MappedWord]:
+        """``map`` plus, with ``function_words``, every other word as a "function" word: words
+        that map to no category or color and are not part of a two-word name; punctuation and
+        special tokens ("<unk>") are not words."""
+        mapped = self.map(words)
+        if not function_words:
+            return mapped
+        covered = {m.index - k for m in mapped for k in range(len(m.word.split()))}
+        extra = [MappedWord(i, w, "function", FUNCTION_TARGET) for i, w in enumerate(words)
+                 if i not in covered and _WORD.fullmatch(w)]
+        return sorted(mapped + extra, key=lambda m: m.index)
+
+
+_WORD = re.compile(r"[^\W\d_][\w'-]*")

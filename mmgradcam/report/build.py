@@ -46,6 +46,10 @@ def build_report(directory: str | Path, common_scale: bool = False) -> Path:
                 maps = {m: arrays[f"maps@{m}"] if f"maps@{m}" in arrays.files else arrays["maps"] for m in methods}
                 page = html.caption_page(image, summary, maps, common_scale=common_scale)
             else:
-                contrast = arrays["contrast_map"] if "contrast_map" in arrays.files else None
-                page = html.vqa_page(image, summary, arrays["maps"], contrast)
+                methods = summary.get("methods") or [summary.get("method", "gradcam")]
+                maps = {m: arrays[f"maps@{m}"] if f"maps@{m}" in arrays.files else arrays["maps"] for m in methods}
+                fallback = arrays["contrast_map"] if "contrast_map" in arrays.files else None
+                contrast = {m: arrays[f"contrast_map@{m}"] if f"contrast_map@{m}" in arrays.files else fallback
+                            for m in methods}
+                page = html.vqa_page(image, summary, maps, contrast)
     return html.write(directory / "report.html", page)

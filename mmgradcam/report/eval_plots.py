@@ -52,6 +52,42 @@ def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def plot_methods(summary: dict, out: Path, metrics=("pointing_15px", "energy")) -> list[Path]:
+    """Bars per word class: each method beside the center and random baselines, 95% CI whiskers."""
+    table = summary.get("method_table")
+    if not table or not table.get("classes"):
+        return []
+    classes, methods = table["classes"], list(table["methods"])
+    bars = methods + ["center", "random"]
+    colors = list(plt.get_cmap("tab10").colors)
+    panel_width = max(5.0, 0.25 * len(classes) * len(bars) + 2)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(panel_width * len(metrics), 3.8), squeeze=False)
+    width = 0.8 / len(bars)
+    for ax, metric in zip(axes[0], metrics):
+        x = np.arange(len(classes))
+        for i, who in enumerate(bars):
+            stats = []
+            for word_class in classes:
+                if who in ("center", "random"):
+                    stats.append(table["baselines"][word_class][who][metric])
+                else:
+                    stats.append(table["methods"][who].get(word_class, {}).get(metric, [np.nan] * 3))
+            stats = np.array(stats, dtype=np.float64)
+            color = {"center": "tab:gray", "random": "lightgray"}.get(who, colors[i % len(colors)])
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, stats[:, 0], width, color=color, label=who,
+                   yerr=[stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]], capsize=2)
+        ax.set_xticks(x, classes, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{metric} per method and word class, 95% bootstrap CIs", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "methods.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
 def plot_categories(summary: dict, out: Path, metric: str = "pointing_15px") -> list[Path]:
     """Per-category bars of ``metric`` with 95% CI whiskers, model beside the center baseline."""
     written = []

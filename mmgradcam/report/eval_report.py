@@ -22,6 +22,26 @@ def read_run(out: Path) -> tuple[dict, dict, list[dict], dict[str, np.ndarray]]:
     return summary, run, lines, maps
 
 
+def first_method_lines(lines: list[dict]) -> list[dict]:
+    """The lines of each kind's first method (the one whose maps the run keeps), and the others
+    (skips). Runs with several methods have one line per word per method."""
+    first: dict[str, str] = {}
+    for line in lines:
+        if line["kind"] in ("word", "answer"):
+            first.setdefault(line["kind"], line.get("method", "?"))
+    return [line for line in lines if line["kind"] not in first or line.get("method", "?") == first[line["kind"]]]
+
+
+def write_eval_plots(out: Path) -> list[Path]:
+    """The figures that need only the run's files: score distributions (first method) and the
+    method x word class bars."""
+    from .eval_plots import plot_distributions, plot_methods
+
+    summary = json.loads((out / "summary.json").read_text())
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    return plot_distributions(first_method_lines(lines), out / "plots") + plot_methods(summary, out / "plots")
+
+
 def _images_and_masks(run: dict, image_ids: set[int]):
     from mmgradcam.eval.coco import CocoData
     from mmgradcam.tasks.geometry import load_image
@@ -45,8 +65,9 @@ def eval_figures(out: Path) -> list[Path]:
     from .eval_plots import plot_categories, plot_gallery
 
     summary, run, lines, maps = read_run(out)
-    written = plot_categories(summary, out / "plots")
-    words = [line for line in lines if line["kind"] == "word"]
+    lines = first_method_lines(lines)
+    written = write_eval_plots(out) + plot_categories(summary, out / "plots")
+    words = [line for line in lines if line["kind"] == "word" and line["class"] != "function"]
     ranked = sorted(words, key=lambda line: line["model"]["energy"])
     ids = {line["image_id"] for line in ranked[:6] + ranked[-6:]}
     images, masks = _images_and_masks(run, ids)
@@ -57,7 +78,7 @@ def eval_figures(out: Path) -> list[Path]:
 def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
     """A sortable table of every scored word (and answer) linking to views of the images."""
     summary, run, lines, maps = read_run(out)
-    scored = [line for line in lines if line["kind"] in ("word", "answer")]
+    scored = [line for line in first_method_lines(lines) if line["kind"] in ("word", "answer")]
     # image views for the best and worst scored items first, up to max_images images
     ranked = sorted(scored, key=lambda line: line["model"]["energy"])
     chosen: list[int] = []
@@ -112,11 +133,48 @@ def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
             category_rows.append(f"<tr><td>{esc(source)}</td><td>{esc(key)}</td><td data-value='{agg['n']}'>{agg['n']}</td>"
                                  f"<td data-value='{p[0]:.4f}'>{100 * p[0]:.1f} [{100 * p[1]:.1f}, {100 * p[2]:.1f}]</td>"
                                  f"<td data-value='{e[0]:.4f}'>{100 * e[0]:.1f} [{100 * e[1]:.1f}, {100 * e[2]:.1f}]</td></tr>")
+    methods = _method_table_html(summary)
     categories = ("<table class='sortable' id='categories'><thead><tr><th>captions</th><th>category</th><th>n</th>"
                   "<th>pointing 15px (95% CI)</th><th>energy (95% CI)</th></tr></thead><tbody>"
                   + "".join(category_rows) + "</tbody></table>")
+    shown = summary.get("methods", {})
+    method = ", ".join(dict.fromkeys(names[0] for names in shown.values() if names)) or run.get("method")
     body = (f"<h1>Evaluation</h1><p>{summary['images']} images, {summary['words_scored']} scored words, "
-            f"{summary['answers_scored']} scored answers, model {esc(run.get('model'))}, method {esc(run.get('method'))}."
-            f" Click a column header to sort; image ids link to their views.</p><h2>Categories</h2>{categories}"
+            f"{summary['answers_scored']} scored answers, model {esc(run.get('model'))}, method {esc(method)}"
+            f" (the words, categories and image views below; every method in the first table)."
+            f" Click a column header to sort; image ids link to their views.</p>{methods}<h2>Categories</h2>{categories}"
             f"<h2>Scored words and answers</h2>{table}<h2>Images</h2>{''.join(sections)}")
     return _page("mmgradcam evaluation", body, {"views": views}, (256, 256))
+
+
+def _method_table_html(summary: dict) -> str:
+    """The method x word class table (with both baselines per class) as a sortable table."""
+    table = summary.get("method_table")
+    if not table or not table.get("classes"):
+        return ""
+    metrics = table["metrics"]
+    flags = table.get("sanity", {})
+
+    def cells(stats: dict) -> str:
+        return "".join(f"<td data-value='{stats[m][0]:.4f}'>{100 * stats[m][0]:.1f} "
+                       f"[{100 * stats[m][1]:.1f}, {100 * stats[m][2]:.1f}]</td>" for m in metrics)
+
+    rows = []
+    for word_class in table["classes"]:
+        for method, classes in table["methods"].items():
+            if word_class in classes:
+                flag = " ⚠" if flags.get(method, {}).get("flagged") else ""
+                rows.append(f"<tr><td>{esc(word_class)}</td><td>{esc(method)}{flag}</td>"
+                            f"<td data-value='{classes[word_class]['n']}'>{classes[word_class]['n']}</td>"
+                            f"{cells(classes[word_class])}</tr>")
+        base = table["baselines"][word_class]
+        for who in ("center", "random"):
+            rows.append(f"<tr><td>{esc(word_class)}</td><td><i>{who} baseline</i></td>"
+                        f"<td data-value='{base['n']}'>{base['n']}</td>{cells(base[who])}</tr>")
+    note = (f"<p class='muted'>⚠: maps keep mean |Spearman ρ| ≥ {esc(table.get('sanity_threshold'))} with the "
+            "trained model's after every weight is randomized.</p>") if flags else ""
+    return ("<h2>Methods × word classes</h2><p class='muted'>Own captions and VQA answers, 95% bootstrap CIs; "
+            "function words are scored against the union of all objects in the image.</p>" + note +
+            "<table class='sortable' id='methods'><thead><tr><th>words</th><th>method</th><th>n</th>"
+            + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")

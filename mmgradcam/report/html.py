@@ -2,7 +2,8 @@
 
 - caption results: the caption as clickable words; the clicked (or hovered) word's map over the
   image; an opacity slider; a method switch when several methods were computed.
-- VQA results: the question, its top answers as buttons, each explained answer's map.
+- VQA results: the question, its top answers as buttons, each explained answer's map; a method
+  switch when several methods were computed.
 - eval runs: a sortable table of scored words (and a per-category table) linking to image views.
 """
 from __future__ import annotations
@@ -157,22 +158,31 @@ def caption_page(image: Image.Image, summary: dict, maps_by_method: dict[str, np
                                                                                  "labels": labels}}}, image.size[::-1])
 
 
-def vqa_page(image: Image.Image, summary: dict, maps: np.ndarray, contrast_map: np.ndarray | None = None) -> str:
+def vqa_page(image: Image.Image, summary: dict, maps: np.ndarray | dict[str, np.ndarray],
+             contrast_map: np.ndarray | dict[str, np.ndarray | None] | None = None) -> str:
+    """HTML for a VQA result: ``maps`` (K, H, W), or {method: (K, H, W)} for a method switch (and
+    ``contrast_map`` (H, W) or {method: (H, W)} alike)."""
     entries = summary["explained"]
     labels = [f"{'why not ' if summary.get('counterfactual') else ''}{e['answer']} (p={e['probability']:.3f})"
               for e in entries]
-    uris = [heatmap_uri(maps[k]) for k in range(len(entries))]
-    if contrast_map is not None:
+    if not isinstance(maps, dict):
+        maps = {summary.get("method", "gradcam"): maps}
+    if not isinstance(contrast_map, dict):
+        contrast_map = {method: contrast_map for method in maps}
+    methods = list(maps)
+    uris = {method: [heatmap_uri(array[k]) for k in range(len(entries))] for method, array in maps.items()}
+    if any(contrast_map.get(method) is not None for method in methods):
         labels.append(f"{entries[0]['answer']} rather than {summary.get('contrast')}")
-        uris.append(heatmap_uri(contrast_map))
+        for method in methods:
+            contrast = contrast_map.get(method)
+            uris[method].append(heatmap_uri(contrast if contrast is not None else np.zeros(maps[method].shape[1:])))
     buttons = "".join(f'<button class="answer" data-index="{k}">{esc(label)}</button>' for k, label in enumerate(labels))
     top = ", ".join(f"{esc(t['answer'])} ({t['probability']:.2f})" for t in summary.get("top_answers", [])[:5])
     header = (f"<h1>Question</h1><p class='question'>{esc(summary['question'])}</p>"
               f"<p class='muted'>top answers: {top}</p>")
-    method = summary.get("method", "gradcam")
-    body = _view_block("vqa", png_data_uri(image), buttons, [method], header)
+    body = _view_block("vqa", png_data_uri(image), buttons, methods, header)
     return _page(f"VQA: {summary['question']}", body,
-                 {"views": {"vqa": {"maps": {method: uris}, "methods": [method], "labels": labels}}}, image.size[::-1])
+                 {"views": {"vqa": {"maps": uris, "methods": methods, "labels": labels}}}, image.size[::-1])
 
 
 def write(path: Path, page: str) -> Path:
