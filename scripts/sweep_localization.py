@@ -30,18 +30,29 @@ import mmgradcam as mg
 from mmgradcam.data.shapes import COLORS, PLURALS, read_split
 from mmgradcam.eval.metrics import TOLERANCE_PX, center_gaussian, energy_inside, pointing_hit
 from mmgradcam.tasks import captioning, vqa
+from mmgradcam.tasks.default import GridTokens, RegionGate
 
 SINGULAR = {plural: shape for shape, plural in PLURALS.items()} | {shape: shape for shape in PLURALS}
 REFUSED_ANSWERS = ("no", "zero", "0")
 
 
 def candidate_layers(model: torch.nn.Module) -> list[str]:
-    """Every residual block and stage of the trunk, and the projection to grid tokens."""
+    """Every residual block and stage of the trunk, then the spatial layers after it: the
+    projection to grid tokens (captioners that attend over the grid) or the question-conditioned
+    blocks (FiLM VQA)."""
     names = []
     for stage in model.encoder.stage_names:
         blocks = getattr(model.encoder, stage)
-        names += [f"encoder.{stage}.{i}" for i in range(len(blocks) - 1)] + [f"encoder.{stage}"]
-    return names + ["grid_tokens.project"]
+        if stage != "head":
+            names += [f"encoder.{stage}.{i}" for i in range(len(blocks) - 1)]
+        names.append(f"encoder.{stage}")
+    if isinstance(getattr(model, "gate", None), RegionGate):
+        names.append("gate")
+    if isinstance(getattr(model, "grid_tokens", None), GridTokens):
+        names.append("grid_tokens.project")
+    if hasattr(model, "fusion") and isinstance(model.fusion, torch.nn.ModuleList):
+        names += ["project"] + [f"fusion.{k}" for k in range(len(model.fusion))]
+    return names
 
 
 class Tally:
@@ -105,7 +116,8 @@ def sweep_captioner(name: str, split: dict, images: list[dict], masks, objects, 
     return tally
 
 
-def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[str] | None) -> tuple[Tally, dict]:
+def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[str] | None,
+              correct_only: bool = True) -> tuple[Tally, dict]:
     model = vqa.load(name)
     layers = layers or candidate_layers(model.model)
     keep = {info["id"]: info for info in images}
@@ -122,7 +134,7 @@ def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[st
         accuracy["questions"] += 1
         correct = answer == annotation["multiple_choice_answer"]
         accuracy["correct"] += correct
-        if not (correct and annotation["object_ids"] and answer not in REFUSED_ANSWERS):
+        if not ((correct or not correct_only) and annotation["object_ids"] and answer not in REFUSED_ANSWERS):
             continue
         mask = np.any([masks[i] for i in annotation["object_ids"]], axis=0)
         distance = ndimage.distance_transform_edt(~mask)
@@ -140,19 +152,59 @@ def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[st
     return tally, accuracy
 
 
-def markdown(rows: list[dict], chosen: tuple[str, str] | None = None) -> str:
+# the word classes a model's defaults are chosen on (the per-question-type rows are for reading)
+SELECTION_CLASSES = {"captioner": ("shape nouns", "colors"), "vqa": ("VQA answers",)}
+
+
+def selection_score(cells: dict[str, dict], classes: tuple[str, ...]) -> float:
+    """Mean over the classes of (pointing at 15 px + energy) / 2: a map must point at the object
+    and keep its mass there."""
+    return float(np.mean([(cells[c]["pointing_15px"] + cells[c]["energy"]) / 2 for c in classes]))
+
+
+def choose(rows: list[dict], classes: tuple[str, ...]) -> tuple[str, str] | None:
+    """The (layer, method) with the best selection score (None when nothing was scored)."""
+    table = defaultdict(dict)
+    for r in rows:
+        if r["layer"] != "-":
+            table[(r["layer"], r["method"])][r["class"]] = r
+    scored = {key: selection_score(cells, classes) for key, cells in table.items()
+              if all(c in cells for c in classes)}
+    return max(scored, key=scored.get) if scored else None
+
+
+def markdown(rows: list[dict], selection: tuple[str, ...], chosen: tuple[str, str] | None = None) -> str:
     classes = sorted({r["class"] for r in rows}, key=lambda c: (c.startswith("VQA "), c))
     table = defaultdict(dict)
     for r in rows:
         table[(r["layer"], r["method"])][r["class"]] = r
-    lines = ["| layer | method | " + " | ".join(f"{c}: pointing / energy" for c in classes) + " |",
-             "|---|---|" + "---|" * len(classes)]
+    lines = ["| layer | method | " + " | ".join(f"{c}: pointing / energy" for c in classes) + " | selection score |",
+             "|---|---|" + "---|" * (len(classes) + 1)]
     for (layer, method), cells in sorted(table.items(), key=lambda kv: (kv[0][0] == "-", kv[0])):
-        mark = " **(default)**" if chosen == (layer, method) else ""
-        values = [f"{100 * cells[c]['pointing_15px']:.1f} / {100 * cells[c]['energy']:.1f} (n={cells[c]['n']})"
-                  if c in cells else "—" for c in classes]
-        lines.append(f"| {layer} | {method}{mark} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+        mark = " **(chosen)**" if chosen == (layer, method) else ""
+        values = [f"{100 * cells[c]['pointing_15px']:.1f} / {100 * cells[c]['energy']:.1f}" if c in cells else "—"
+                  for c in classes]
+        score = selection_score(cells, selection) if all(c in cells for c in selection) else float("nan")
+        lines.append(f"| {layer} | {method}{mark} | " + " | ".join(values) + f" | {100 * score:.1f} |")
+    counts = ", ".join(f"{c} {table[('-', 'center')][c]['n']}" for c in classes if c in table[("-", "center")])
+    return "\n".join(lines) + f"\n\nwords / answers scored: {counts}"
+
+
+def write_defaults(task: str, model_dir: str, chosen: tuple[str, str], args: argparse.Namespace) -> None:
+    """Record the chosen defaults in the model's config.json (the adapters read them from there)."""
+    from mmgradcam.tasks import checkpoints
+
+    directory = Path(model_dir)
+    if model_dir == "default":
+        directory = checkpoints.packaged("captioner" if task == "captioner" else "vqa")
+    path = directory / checkpoints.CONFIG
+    config = json.loads(path.read_text())
+    config["default_layer"], config["default_method"] = chosen
+    config["default_reason"] = (f"chosen on the val split ({args.limit} images) by scripts/sweep_localization.py: "
+                                "the best mean of (pointing at 15 px + energy in the mask) / 2 over "
+                                + " and ".join(SELECTION_CLASSES[task]))
+    path.write_text(json.dumps(config, indent=1))
+    print(f"wrote default_layer={chosen[0]!r} default_method={chosen[1]!r} into {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default=None, help="comma-separated layer names (default: every trunk block)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--vqa-answers", choices=["correct", "all"], default="correct",
+                        help="score the maps of correct answers only (default) or of every answer")
+    parser.add_argument("--write-defaults", action="store_true",
+                        help="write the chosen layer and method into each swept model's config.json (val only)")
     args = parser.parse_args(argv)
+    if args.write_defaults and args.split != "val":
+        parser.error("--write-defaults chooses on the val split only")
     if args.split == "test":
         print("note: defaults are chosen on val; a test-split sweep is for reporting only", file=sys.stderr)
     split = read_split(args.data, args.split)
@@ -173,17 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     masks, objects = masks_by_image(split)
     layers = args.layers.split(",") if args.layers else None
     report = {"split": args.split, "images": len(images), "methods": mg.available_methods()}
-    if args.captioner != "none":
-        tally = sweep_captioner(args.captioner, split, images, masks, objects, layers, args.batch_size)
-        report["captioner"] = {"model": args.captioner, "rows": tally.rows()}
-        print(f"## captioner {args.captioner} ({args.split}, {len(images)} images)\n")
-        print(markdown(report["captioner"]["rows"]) + "\n")
-    if args.vqa != "none":
-        tally, accuracy = sweep_vqa(args.vqa, split, images, masks, layers)
-        report["vqa"] = {"model": args.vqa, "rows": tally.rows(), **accuracy}
-        print(f"## VQA {args.vqa} ({args.split}, {len(images)} images, accuracy {100 * accuracy['accuracy']:.1f}% "
-              f"of {accuracy['questions']} questions)\n")
-        print(markdown(report["vqa"]["rows"]) + "\n")
+    for task, name in (("captioner", args.captioner), ("vqa", args.vqa)):
+        if name == "none":
+            continue
+        if task == "captioner":
+            tally, extra = sweep_captioner(name, split, images, masks, objects, layers, args.batch_size), {}
+        else:
+            tally, extra = sweep_vqa(name, split, images, masks, layers, correct_only=args.vqa_answers == "correct")
+        rows = tally.rows()
+        chosen = choose(rows, SELECTION_CLASSES[task])
+        report[task] = {"model": name, "rows": rows, "chosen": list(chosen) if chosen else None, **extra}
+        accuracy = f", accuracy {100 * extra['accuracy']:.1f}% of {extra['questions']} questions" if extra else ""
+        print(f"## {task} {name} ({args.split}, {len(images)} images{accuracy})\n")
+        print(markdown(rows, SELECTION_CLASSES[task], chosen) + "\n")
+        if args.write_defaults and chosen:
+            write_defaults(task, name, chosen, args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

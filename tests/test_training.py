@@ -57,3 +57,54 @@ def test_train_vqa_tiny(tiny_data, tmp_path, blank):
 
     model = vqa.load(str(tmp_path / "run" / "model"))
     assert model.config["blank_images"] is blank and "yes" in model.answers
+
+
+def test_sweep_chooses_defaults_on_val_and_the_adapters_use_them(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--num-train", "24", "--num-val", "8", "--num-test", "0", "--batch-size", "8",
+              "--dim", "32", "--layers", "1", "--heads", "2", "--steps", "2"]
+    for script, out in (("train_captioner.py", "cap"), ("train_vqa.py", "vqa")):
+        result = run_script(script, *common, "--out", str(tmp_path / out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    report = tmp_path / "sweep.json"
+    sweep = run_script("sweep_localization.py", "--data", str(tiny_data), "--split", "val", "--limit", "8",
+                       "--captioner", str(tmp_path / "cap" / "model"), "--vqa", str(tmp_path / "vqa" / "model"),
+                       "--json", str(report), "--write-defaults", "--vqa-answers", "all", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    rows = json.loads(report.read_text())
+    assert "**(chosen)**" in sweep.stdout and "| - | center |" in sweep.stdout
+
+    from mmgradcam import available_methods
+    from mmgradcam.tasks import captioning, vqa
+
+    for task, loader, model in (("captioner", captioning, "cap"), ("vqa", vqa, "vqa")):
+        layer, method = rows[task]["chosen"]
+        adapter = loader.load(str(tmp_path / model / "model"))
+        assert (adapter.default_layer, adapter.default_method) == (layer, method)
+        assert method in available_methods() and "val split" in adapter.layer_reason
+    # the trunk's blocks and the layers after it were all swept, with every method
+    swept = {(r["layer"], r["method"]) for r in rows["captioner"]["rows"]}
+    assert {("encoder.layer2", m) for m in available_methods()} <= swept
+    assert any(r["layer"].startswith("fusion.") for r in rows["vqa"]["rows"])
+    # defaults are chosen on val only
+    refused = run_script("sweep_localization.py", "--data", str(tiny_data), "--split", "train", "--limit", "2",
+                         "--captioner", str(tmp_path / "cap" / "model"), "--vqa", "none", "--write-defaults",
+                         cwd=tmp_path)
+    assert refused.returncode != 0 and "val split only" in refused.stderr
+
+
+def test_sweep_choice_maximizes_pointing_plus_energy():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from sweep_localization import choose, selection_score
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def row(layer, method, word_class, pointing, energy):
+        return {"layer": layer, "method": method, "class": word_class, "n": 10, "pointing_15px": pointing,
+                "energy": energy}
+
+    rows = [row("a", "gradcam", "shape nouns", 0.9, 0.2), row("a", "gradcam", "colors", 0.9, 0.2),
+            row("b", "hirescam", "shape nouns", 0.8, 0.5), row("b", "hirescam", "colors", 0.8, 0.5),
+            row("-", "center", "shape nouns", 1.0, 1.0), row("-", "center", "colors", 1.0, 1.0)]
+    assert choose(rows, ("shape nouns", "colors")) == ("b", "hirescam")  # 0.65 beats 0.55; baselines never win
+    assert selection_score({"x": rows[0]}, ("x",)) == pytest.approx(0.55)
