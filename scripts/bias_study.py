@@ -50,12 +50,12 @@ def cases(split: dict, limit: int) -> list[dict]:
     return found
 
 
-def measure(captioner, found: list[dict]) -> dict:
+def measure(captioner, found: list[dict], method: str, layer: str) -> dict:
     named, on_circle, on_red, peak_circle, peak_red = 0, [], [], 0, 0
     for case in found:
         image = Image.open(case["file"]).convert("RGB")
         named += "circle" in captioner.generate(image).split()
-        result = captioner.explain(image, case["caption"])
+        result = captioner.explain(image, case["caption"], method=method, layer=layer)
         j = result.words.index("circle")
         heat = result.maps[j].numpy()
         total = float(heat.sum()) or 1.0
@@ -78,13 +78,16 @@ def main() -> None:
     parser.add_argument("--biased", required=True, help="the captioner trained on the biased split")
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--out", type=Path, default=None, help="write bias_study.json here")
+    # one method and layer for both models (each model's own defaults could differ and confound the study)
+    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--layer", default="encoder.layer2")
     args = parser.parse_args()
     found = cases(read_split(args.data, args.split), args.limit)
     if not found:
         raise SystemExit(f"no image in {args.data}/{args.split} holds a non-red circle and a red non-circle")
-    report = {"split": f"{args.data}/{args.split}",
-              "baseline": {"model": args.baseline, **measure(captioning.load(args.baseline), found)},
-              "biased": {"model": args.biased, **measure(captioning.load(args.biased), found)}}
+    report = {"split": f"{args.data}/{args.split}", "method": args.method, "layer": args.layer,
+              "baseline": {"model": args.baseline, **measure(captioning.load(args.baseline), found, args.method, args.layer)},
+              "biased": {"model": args.biased, **measure(captioning.load(args.biased), found, args.method, args.layer)}}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

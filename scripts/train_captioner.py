@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--bias", default=None, help='confounded training split, e.g. "circle=red"')
-    parser.add_argument("--readout", choices=["grid", "pooled"], default="pooled",
-                        help="how the decoder reads the trunk: cross-attention to every grid cell, or to "
-                             "pooled summaries (mean, moments, max) of each channel")
+    parser.add_argument("--readout", choices=["grid", "pooled"], default="grid",
+                        help="how the decoder reads the trunk: cross-attention to every grid cell (the shipped "
+                             "model), or to pooled summaries (mean, moments, max) of each channel (an experiment: "
+                             "lower caption quality, README)")
     parser.add_argument("--gate", action="store_true", help="a learned per-cell gate before the readout")
     parser.add_argument("--init", type=Path, default=None, help="start from this model directory's weights")
     args = parser.parse_args(argv)

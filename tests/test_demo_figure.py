@@ -89,15 +89,15 @@ def test_compare_method_choice():
 def test_demo_second_row_from_the_same_pass(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "one"), "--compare-method", "none"]) == 0
     capsys.readouterr()
-    assert main(["demo", "--out", str(tmp_path / "two"), "--compare-method", "hirescam"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "two"), "--compare-method", "gradcam"]) == 0
     printed = capsys.readouterr()
     assert "note:" not in printed.out + printed.err  # a shapes-world image: no out-of-domain note
     out = tmp_path / "two"
     summary = json.loads((out / "result.json").read_text())
     arrays = np.load(out / "maps.npz")
-    assert summary["methods"] == [summary["method"], "hirescam"] and summary["method"] != "hirescam"
-    assert arrays["maps@hirescam"].shape == arrays["maps"].shape
-    assert not np.allclose(arrays["maps@hirescam"], arrays["maps"])
+    assert summary["methods"] == [summary["method"], "gradcam"] and summary["method"] != "gradcam"
+    assert arrays["maps@gradcam"].shape == arrays["maps"].shape
+    assert not np.allclose(arrays["maps@gradcam"], arrays["maps"])
     # the second row block doubles the figure's height; the width stays
     one, two = Image.open(tmp_path / "one" / "caption.png").size, Image.open(out / "caption.png").size
     assert abs(two[0] - one[0]) < 0.05 * one[0] and 1.8 * one[1] < two[1] < 2.2 * one[1]
@@ -106,8 +106,8 @@ def test_demo_second_row_from_the_same_pass(tmp_path, capsys):
     words = [str(w) for w in arrays["words"]]
     for peak in shape_word_peaks(words, torch.from_numpy(arrays["maps"]), objects):
         assert f"map of {peak.word!r} peaks at (y={peak.y}, x={peak.x}): " in printed.out
-    hires = shape_word_peaks(words, torch.from_numpy(arrays["maps@hirescam"]), objects)
-    assert f"hirescam: {sum(p.inside for p in hires)} of {len(hires)} shape nouns' maps peak inside" in printed.out
+    second = shape_word_peaks(words, torch.from_numpy(arrays["maps@gradcam"]), objects)
+    assert f"gradcam: {sum(p.inside for p in second)} of {len(second)} shape nouns' maps peak inside" in printed.out
 
 
 def test_cli_prints_the_notice_once_for_a_photo(tmp_path, capsys):
