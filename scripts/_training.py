@@ -36,7 +36,7 @@ def common_arguments(parser, out: str, steps: int) -> None:
                              "on AVX2-only CPUs it is about 10x slower than the float32 default)")
     parser.add_argument("--encoder", type=json.loads, default=None,
                         help='trunk spec as JSON, e.g. \'{"stem": 4, "stem_width": 32, "stages": [[64, 2, 1], '
-                             '[128, 2, 2]]}\' (stages: [width, blocks, stride(, dilation)])')
+                             '[128, 2, 2]]}\' (stages: [width, blocks, stride])')
     parser.add_argument("--ship", action="store_true", help="copy the result into the package (tasks/weights)")
 
 

@@ -30,7 +30,7 @@ import mmgradcam as mg
 from mmgradcam.data.shapes import COLORS, PLURALS, read_split
 from mmgradcam.eval.metrics import TOLERANCE_PX, center_gaussian, energy_inside, pointing_hit
 from mmgradcam.tasks import captioning, vqa
-from mmgradcam.tasks.default import GridTokens, RegionGate
+from mmgradcam.tasks.default import GridTokens
 
 SINGULAR = {plural: shape for shape, plural in PLURALS.items()} | {shape: shape for shape in PLURALS}
 REFUSED_ANSWERS = ("no", "zero", "0")
@@ -43,11 +43,8 @@ def candidate_layers(model: torch.nn.Module) -> list[str]:
     names = []
     for stage in model.encoder.stage_names:
         blocks = getattr(model.encoder, stage)
-        if stage != "head":
-            names += [f"encoder.{stage}.{i}" for i in range(len(blocks) - 1)]
+        names += [f"encoder.{stage}.{i}" for i in range(len(blocks) - 1)]
         names.append(f"encoder.{stage}")
-    if isinstance(getattr(model, "gate", None), RegionGate):
-        names.append("gate")
     if isinstance(getattr(model, "grid_tokens", None), GridTokens):
         names.append("grid_tokens.project")
     if hasattr(model, "fusion") and isinstance(model.fusion, torch.nn.ModuleList):

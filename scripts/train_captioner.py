@@ -73,11 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--bias", default=None, help='confounded training split, e.g. "circle=red"')
-    parser.add_argument("--readout", choices=["grid", "pooled"], default="grid",
-                        help="how the decoder reads the trunk: cross-attention to every grid cell (the shipped "
-                             "model), or to pooled summaries (mean, moments, max) of each channel (an experiment: "
-                             "lower caption quality, README)")
-    parser.add_argument("--gate", action="store_true", help="a learned per-cell gate before the readout")
     parser.add_argument("--init", type=Path, default=None, help="start from this model directory's weights")
     args = parser.parse_args(argv)
 
@@ -87,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = Vocabulary.build(a["caption"] for a in train["captions"]["annotations"])
     config = {"task": "captioning", "family": "default", "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // 8,
               "dim": args.dim, "layers": args.layers, "heads": args.heads, "max_tokens": args.max_tokens,
-              "vocabulary": vocab.words, "encoder": args.encoder, "readout": args.readout, "gate": args.gate, "trained_with": " ".join(sys.argv if argv is None else argv),
+              "vocabulary": vocab.words, "encoder": args.encoder,
+              "trained_with": " ".join(sys.argv if argv is None else argv),
               "seed": args.seed}
     model = build_caption_model(config)
     if args.init:

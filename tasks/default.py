@@ -28,8 +28,8 @@ class ShapesEncoder(nn.Module):
     """A small ResNet trunk of torchvision BasicBlocks that keeps a stride-8 grid.
 
     A "patchifying" stem (a ``stem``x``stem`` convolution of that stride) is followed by stages
-    ``layer1``, ``layer2``, ...; each stage is ``[width, blocks, stride]`` (optionally a fourth
-    entry, the dilation of its blocks); ``padding`` is the convolutions' padding mode. A 128 px image gives a 16x16 grid at the last stage.
+    ``layer1``, ``layer2``, ...; each stage is ``[width, blocks, stride]``. A 128 px image gives a
+    16x16 grid at the last stage.
     The depth sets the receptive field of a grid cell, which decides whether the cells can hold
     object-level features (a whole shape in view) without becoming a summary of the whole image
     (see README, "The shapes world and the default models").
@@ -39,42 +39,24 @@ class ShapesEncoder(nn.Module):
         super().__init__()
         spec = dict(LEGACY_ENCODER if spec is None else spec)
         stem, stem_width = int(spec["stem"]), int(spec["stem_width"])
-        padding_mode = spec.get("padding", "zeros")
         self.stem = nn.Sequential(nn.Conv2d(3, stem_width, stem, stride=stem, bias=False),
                                   nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True))
         self.stage_names: list[str] = []
         inplanes = stem_width
         for index, stage in enumerate(spec["stages"], start=1):
-            width, count, stride = (int(v) for v in stage[:3])
-            dilation = int(stage[3]) if len(stage) > 3 else 1
-            setattr(self, f"layer{index}", self._stage(inplanes, width, count, stride, dilation))
+            width, count, stride = (int(v) for v in stage)
+            setattr(self, f"layer{index}", self._stage(inplanes, width, count, stride))
             self.stage_names.append(f"layer{index}")
             inplanes = width
-        if spec.get("head"):
-            # a 1x1 convolution + ReLU after the last stage, without BatchNorm or a residual path: a
-            # layer that computes only what the readout uses, so nothing carries the earlier stages'
-            # texture and edge responses onto the background (BatchNorm would re-center every channel
-            # on the background, which fills most cells)
-            self.head = nn.Sequential(nn.Conv2d(inplanes, int(spec["head"]), 1), nn.ReLU())
-            self.stage_names.append("head")
-            inplanes = int(spec["head"])
         self.out_channels = inplanes
-        if padding_mode != "zeros":
-            # zero padding makes the image border look like an edge to every layer: border cells then
-            # carry features of their own (corner and edge detectors fire there, the decoder can use them
-            # as registers); replicate padding continues the background instead
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d) and module.padding != (0, 0):
-                    module.padding_mode = padding_mode
 
     @staticmethod
-    def _stage(inplanes: int, planes: int, count: int, stride: int, dilation: int = 1) -> nn.Sequential:
+    def _stage(inplanes: int, planes: int, count: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or inplanes != planes:
             downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
         layers = [BasicBlock(inplanes, planes, stride, downsample)]
-        layers += [BasicBlock(planes, planes, dilation=1) if dilation == 1 else _dilated_block(planes, dilation)
-                   for _ in range(count - 1)]
+        layers += [BasicBlock(planes, planes) for _ in range(count - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -82,14 +64,6 @@ class ShapesEncoder(nn.Module):
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return x
-
-
-def _dilated_block(planes: int, dilation: int) -> BasicBlock:
-    """A BasicBlock whose two 3x3 convolutions are dilated (torchvision's refuses dilation > 1)."""
-    block = BasicBlock(planes, planes)
-    for conv in (block.conv1, block.conv2):
-        conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
-    return block
 
 
 class GridTokens(nn.Module):
@@ -113,62 +87,14 @@ class GridTokens(nn.Module):
         return tokens + position
 
 
-class PooledTokens(nn.Module):
-    """(B, C, h, w) feature map -> a few (B, k, d) summary tokens: the channels' spatial mean, their
-    first moments along x and y (where each channel's mass sits), and their spatial maximum.
-
-    The decoder then reads the image as the Grad-CAM paper's captioners did, through pooled
-    convolutional features: a word's gradient reaches every cell of a channel with the same weight
-    (up to the moments' linear ramps, which average to zero), so Grad-CAM's channel weights are
-    exact for the mean path and the map is where the word's channels fire. Pooling also leaves the
-    trunk no other way to tell which color goes with which shape than channels that fire on the
-    object itself, and gives it a reason to stay silent on background (whose activations would
-    only add noise to every pooled value).
-    """
-
-    kinds = ("mean", "x", "y", "max")
-
-    def __init__(self, channels: int, dim: int):
-        super().__init__()
-        self.project = nn.ModuleList(nn.Linear(channels, dim) for _ in self.kinds)
-        self.kind = nn.Parameter(torch.randn(len(self.kinds), dim) * 0.02)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = features.shape
-        ys = torch.linspace(-1, 1, h, device=features.device, dtype=features.dtype)[:, None]
-        xs = torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype)[None, :]
-        pooled = [features.mean(dim=(2, 3)), (features * xs).mean(dim=(2, 3)), (features * ys).mean(dim=(2, 3)),
-                  features.amax(dim=(2, 3))]
-        return torch.stack([project(p) for project, p in zip(self.project, pooled)], dim=1) + self.kind
-
-
-class RegionGate(nn.Module):
-    """features * sigmoid(1x1 conv(features)): a per-cell gate, learned from captions only, that
-    lets the pooled readout ignore cells (background) whose features would only add noise to
-    every pooled value. Its output is the feature map the decoder actually reads."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.score = nn.Conv2d(channels, 1, 1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features * torch.sigmoid(self.score(features))
-
-
 class CaptionNet(nn.Module):
     """Encoder + transformer decoder: ``forward(pixel_values, input_ids) -> logits (B, L, V)``."""
 
     def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_tokens: int = 24,
-                 grid: int = 16, dropout: float = 0.1, encoder: dict | None = None, readout: str = "grid",
-                 gate: bool = False):
+                 grid: int = 16, dropout: float = 0.1, encoder: dict | None = None):
         super().__init__()
         self.encoder = ShapesEncoder(encoder)
-        if readout not in ("grid", "pooled"):
-            raise ValueError(f"readout must be 'grid' or 'pooled', got {readout!r}")
-        # "grid": the decoder cross-attends to every cell; "pooled": to a few pooled summaries
-        self.grid_tokens = (GridTokens(self.encoder.out_channels, dim, grid) if readout == "grid"
-                            else PooledTokens(self.encoder.out_channels, dim))
-        self.gate = RegionGate(self.encoder.out_channels) if gate else nn.Identity()
+        self.grid_tokens = GridTokens(self.encoder.out_channels, dim, grid)
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
         layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout,
@@ -179,7 +105,7 @@ class CaptionNet(nn.Module):
         self.max_tokens = max_tokens
 
     def memory(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.grid_tokens(self.gate(self.encoder(pixel_values)))
+        return self.grid_tokens(self.encoder(pixel_values))
 
     def decode(self, memory: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
@@ -240,8 +166,7 @@ class CaptionNet(nn.Module):
 def build_caption_model(config: dict) -> CaptionNet:
     return CaptionNet(len(config["vocabulary"]), dim=config["dim"], layers=config["layers"],
                       heads=config["heads"], max_tokens=config["max_tokens"], grid=config["grid"],
-                      encoder=config.get("encoder"), readout=config.get("readout", "grid"),
-                      gate=config.get("gate", False))
+                      encoder=config.get("encoder"))
 
 
 class DefaultFamily:
