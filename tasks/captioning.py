@@ -182,9 +182,9 @@ class Captioner(Adapter):
     """What every captioning adapter provides; ``explain`` is shared by all model families.
 
     Subclasses set ``model`` (an nn.Module whose forward takes the keyword inputs from
-    ``model_inputs`` and returns logits (B, L, V) or an output with ``.logits``), ``default_layer``
-    (with ``layer_reason``) and ``pad_id``, and implement ``preprocess``, ``tokenize`` and
-    ``generate`` (``generate_batch`` and ``model_inputs`` when the defaults do not fit).
+    ``batch_inputs`` and returns logits (B, L, V) or an output with ``.logits``), ``default_layer``
+    (with ``layer_reason``) and ``pad_id``, and implement ``preprocess``, ``tokenize``,
+    ``generate_batch`` and ``normalization`` (``batch_inputs`` when the default does not fit).
     """
 
     pad_id: int = 0
@@ -196,16 +196,25 @@ class Captioner(Adapter):
     def tokenize(self, caption: str) -> CaptionTokens:
         raise NotImplementedError
 
-    def model_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
-        """The model's keyword inputs for a batch of images and their captions."""
+    def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for a batch of preprocessed images and their captions."""
         return {"pixel_values": pixel_values, **self.collate(tokens)}
 
-    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
-        raise NotImplementedError
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], Any]:
+        """The model's keyword inputs for one image and its caption, and the image geometry."""
+        pixels, geometry = self.preprocess(image)
+        return self.batch_inputs(pixels["pixel_values"], [self.tokenize(text)]), geometry
 
-    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1) -> list[str]:
-        """Captions for several images (adapters override this to batch the model)."""
-        return [self.generate(image, beam_size=beam_size) for image in images]
+    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
+        """The model's caption of ``image``, at most ``max_words`` words long when given."""
+        if max_words is not None and max_words < 1:
+            raise ValueError(f"max_words must be at least 1 (or None), got {max_words}")
+        return self.generate_batch([image], beam_size=beam_size, max_words=max_words)[0]
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
+        """Captions for several images (at most ``max_words`` words each when given)."""
+        raise NotImplementedError
 
     def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         """Batch the text inputs: right-pad ``input_ids`` (with ``pad_id``) and the extra inputs (0)."""
@@ -228,7 +237,7 @@ class Captioner(Adapter):
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
             per_word, _ = word_targets(tokens, self.text_logits_from_end)
             with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
-                output = self.model(**self.model_inputs(pixels, tokens))
+                output = self.model(**self.batch_inputs(pixels, tokens))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
         return scores
@@ -274,15 +283,24 @@ class Captioner(Adapter):
         tokens = [self.tokenize(c) for c in captions]
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
-        return self.explain_pixels(pixel_values, tokens, [g for _, g in prepared], method=method, layer=layer,
-                                   counterfactual=counterfactual, batched=batched, select=select)
+        return self._explain_tokens(self.batch_inputs(pixel_values, tokens), tokens, [g for _, g in prepared],
+                                    method=method, layer=layer, counterfactual=counterfactual, batched=batched,
+                                    select=select)
 
-    def explain_pixels(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens], geometries: Sequence[Any],
-                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,
-                       counterfactual: bool = False, batched: bool | str = "auto",
-                       select: Any = None) -> list[CaptionExplanation]:
-        """``explain_batch`` on already preprocessed pixels (e.g. an adversarial image)."""
-        model_inputs = self.model_inputs(pixel_values, tokens)
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str,
+                         method: MethodSpec | None = None, layer: nn.Module | str | None = None,
+                         counterfactual: bool = False, batched: bool | str = "auto",
+                         select: Any = None) -> CaptionExplanation:
+        """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
+        (e.g. an adversarial image); ``text`` is the caption they were prepared with."""
+        return self._explain_tokens(inputs, [self.tokenize(text)], [geometry], method=method, layer=layer,
+                                    counterfactual=counterfactual, batched=batched, select=select)[0]
+
+    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
+                        geometries: Sequence[Any], method: MethodSpec | None = None,
+                        layer: nn.Module | str | None = None, counterfactual: bool = False,
+                        batched: bool | str = "auto", select: Any = None) -> list[CaptionExplanation]:
+        """The shared core: one forward and one batched backward for all words of all captions."""
         chosen = [list(range(len(t.words))) if select is None else sorted(set(select(t.words))) for t in tokens]
         for t, c in zip(tokens, chosen):
             if any(not 0 <= j < len(t.words) for j in c):
@@ -341,7 +359,8 @@ class Captioner(Adapter):
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
          image_processor: Any = None, trust_remote_code: bool = False) -> Captioner:
     """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
-    model id or save_pretrained directory (BLIP, GIT, VisionEncoderDecoder), or a transformers
-    model object with its processor. ``trust_remote_code`` stays off unless you turn it on."""
+    model id or save_pretrained directory, or a transformers model object with its processor (any
+    family registered for captioning; README lists them). ``trust_remote_code`` stays off unless
+    you turn it on."""
     return load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
                         trust_remote_code=trust_remote_code)

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
+from mmgradcam.engine import preserved_state
 from mmgradcam.methods.base import MethodSpec, method_names
+from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
@@ -108,12 +110,10 @@ class VQAModel(Adapter):
     """What every VQA adapter provides; ``answer`` and ``explain`` are shared by all families.
 
     Subclasses set ``model``, ``default_layer`` (+ ``layer_reason``) and implement
-    ``model_inputs(image, question) -> (inputs, geometry)``, ``answer_target(answer, score)``
-    and ``answer_scores(image, question) -> (answers, probabilities)`` ranked.
+    ``prepare(image, question) -> (inputs, geometry)``, ``normalization``,
+    ``answer_target(answer, score)`` (or ``targets_for``), ``ranked_answers`` and
+    ``answer_probabilities``; ``ClassifierVQA`` implements the last three for answer classifiers.
     """
-
-    def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Any]:
-        raise NotImplementedError
 
     def answer_target(self, answer: str, score: str = "logit") -> Any:
         raise NotImplementedError
@@ -131,7 +131,7 @@ class VQAModel(Adapter):
         """The ``top_k`` answers with their probabilities, best first."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        inputs, _ = self.model_inputs(load_image(image), question)
+        inputs, _ = self.prepare(load_image(image), question)
         return self.ranked_answers(inputs, top_k)
 
     def explain(self, image: ImageLike, question: str, answer: str | Sequence[str] | None = None,
@@ -149,18 +149,21 @@ class VQAModel(Adapter):
         know images like this one (None otherwise).
         """
         pil = load_image(image)
-        inputs, geometry = self.model_inputs(pil, question)
-        result = self.explain_inputs(inputs, geometry, question, answer, method=method, counterfactual=counterfactual,
-                                     contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
+        inputs, geometry = self.prepare(pil, question)
+        result = self.explain_prepared(inputs, geometry, question, answer, method=method,
+                                       counterfactual=counterfactual, contrast=contrast, top_k=top_k, score=score,
+                                       layer=layer, batched=batched)
         result.notice = self.domain_notice(pil)
         return result
 
-    def explain_inputs(self, inputs: dict[str, torch.Tensor], geometry: Any, question: str,
-                       answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
-                       counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
-                       score: str = "logit", layer: nn.Module | str | None = None,
-                       batched: bool | str = "auto") -> VQAExplanation:
-        """``explain`` on already prepared model inputs (e.g. an adversarial image)."""
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str,
+                         answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
+                         counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
+                         score: str = "logit", layer: nn.Module | str | None = None,
+                         batched: bool | str = "auto") -> VQAExplanation:
+        """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
+        (e.g. an adversarial image); ``text`` is the question they were prepared with."""
+        question = text
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         top = self.ranked_answers(inputs, max(top_k, 5))
@@ -198,10 +201,68 @@ class VQAModel(Adapter):
         raise NotImplementedError
 
 
+class ClassifierVQA(VQAModel):
+    """A VQA model that scores a fixed answer vocabulary (``answers``): the default VQA model, ViLT.
+
+    The target of an answer is its logit (``ClassScore``) or, with score="logprob",
+    ``logprob_target``; probabilities come from ``probabilities_of`` (softmax unless the model
+    scores answers independently). Ranking and the explained answers' probabilities share one
+    forward per prepared inputs."""
+
+    answers: list[str]
+
+    def set_answers(self, answers: Sequence[str]) -> None:
+        self.answers = list(answers)
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+        self._last_probabilities: tuple[dict[str, Any], torch.Tensor] | None = None
+
+    def answer_key(self, answer: str) -> str:
+        """How an answer is looked up in the vocabulary (the default model lower-cases it)."""
+        return answer
+
+    def answer_id(self, answer: str) -> int:
+        key = self.answer_key(answer) if isinstance(answer, str) else answer
+        if key not in self.answer_index:
+            shown = ", ".join(self.answers) if len(self.answers) <= 30 else \
+                f"{len(self.answers)} answers, e.g. {', '.join(self.answers[:10])}"
+            raise ValueError(f"answer {answer!r} is not in the model's answer vocabulary: {shown}")
+        return self.answer_index[key]
+
+    def logprob_target(self, index: int) -> Any:
+        return ClassLogProb(index)
+
+    def probabilities_of(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    def answer_target(self, answer: str, score: str = "logit") -> Any:
+        index = self.answer_id(answer)
+        return ClassScore(index) if score == "logit" else self.logprob_target(index)
+
+    def _probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer probabilities, computed once per prepared inputs (the same tensor objects)."""
+        cached = self._last_probabilities
+        if cached is not None and cached[0].keys() == inputs.keys() and \
+                all(cached[0][k] is v for k, v in inputs.items()):
+            return cached[1]
+        with torch.no_grad(), preserved_state(self.model), self.forward_context():
+            probabilities = self.probabilities_of(logits_of(self.model(**inputs)).float())[0]
+        self._last_probabilities = (dict(inputs), probabilities)
+        return probabilities
+
+    def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
+        probabilities = self._probabilities(inputs)
+        values, indices = probabilities.topk(min(top_k, len(self.answers)))
+        return [(self.answers[int(i)], float(v)) for v, i in zip(values, indices)]
+
+    def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
+        probabilities = self._probabilities(inputs)
+        return [float(probabilities[self.answer_id(a)]) for a in answers]
+
+
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
          image_processor: Any = None, trust_remote_code: bool = False) -> VQAModel:
     """A VQA model: "default" (shipped), a directory holding a default-family model, a Hugging Face
-    model id or save_pretrained directory (BLIP VQA, ViLT), or a transformers model object with its
-    processor. ``trust_remote_code`` stays off unless you turn it on."""
+    model id or save_pretrained directory, or a transformers model object with its processor (any
+    family registered for VQA; README lists them). ``trust_remote_code`` stays off unless you turn it on."""
     return load_adapter("vqa", name, processor, tokenizer=tokenizer, image_processor=image_processor,
                         trust_remote_code=trust_remote_code)

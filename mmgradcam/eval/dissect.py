@@ -30,10 +30,7 @@ QUANTILE = 0.99
 
 def _adapter_inputs(adapter, image) -> tuple[dict[str, torch.Tensor], object]:
     """Model inputs (and geometry) for an image with a placeholder text: only the image matters."""
-    if hasattr(adapter, "tokenize"):  # a captioner
-        prepared, geometry = adapter.preprocess(image)
-        return adapter.model_inputs(prepared["pixel_values"], [adapter.tokenize("a")]), geometry
-    return adapter.model_inputs(image, "what")
+    return adapter.prepare(image, "a" if hasattr(adapter, "tokenize") else "what")  # a captioner tokenizes
 
 
 def layer_activations(adapter, images: Sequence, layer: str | None = None) -> tuple[list[np.ndarray], list]:
