@@ -130,6 +130,7 @@ class Metric:
     score: Callable[[MapAndMask], float]    # one map against one mask
     binary: bool = False                    # a 0/1 hit per word (plotted as a hit rate)
     short: str = ""                         # label after "center"/"random" in narrow tables
+    description: str = ""                   # an axis label saying what the number is
     views: frozenset = field(default=DEFAULT_VIEWS)
 
     def short_label(self) -> str:
@@ -166,7 +167,8 @@ METRIC_TABLE: list[Metric] = [
     Metric("pointing_0px", "pointing 0px", _pointing_0px, binary=True, views=frozenset({METHOD_TABLE, CLASSES})),
     Metric("pointing_15px", "pointing 15px", _pointing_tolerance, binary=True, short="pointing",
            views=frozenset({METHOD_TABLE, CLASSES, WORDS, COMPACT})),
-    Metric("energy", "energy", _energy, views=frozenset({METHOD_TABLE, CLASSES, WORDS, COMPACT})),
+    Metric("energy", "energy", _energy, description="share of map mass inside the mask",
+           views=frozenset({METHOD_TABLE, CLASSES, WORDS, COMPACT})),
     Metric("iou_15", "IoU@15%", _iou_15),
     Metric("box_iou", "box IoU", _box_overlap, views=frozenset()),
     Metric("box_correct", "box correct", _box_correct, binary=True, views=frozenset({CLASSES})),

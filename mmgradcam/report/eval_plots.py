@@ -38,7 +38,7 @@ def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
         for who, color in WHO:
             ax.hist([r[who][RANK_BY] for r in rows], bins=bins, alpha=0.45, color=color, label=who)
         ax.set_title(f"{name}: {rank.label} (n={len(rows)})", fontsize=9)
-        ax.set_xlabel(rank.label)
+        ax.set_xlabel(rank.description or rank.label)
         ax.legend(fontsize=8)
         ax = axes[row, 1]
         metrics = hits
