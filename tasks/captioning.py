@@ -17,14 +17,11 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
-from mmgradcam.methods.base import MethodSpec, method_names
+from mmgradcam.engine.registry import MethodSpec, method_names
 from mmgradcam.targets import logits_of
 
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
-
-PIXEL_METHODS = ("guided-gradcam",)
-
 
 @dataclass
 class CaptionTokens:
@@ -104,7 +101,9 @@ class CaptionExplanation:
     """Per-word maps for one image and caption.
 
     maps (n_words, H, W) and caption_map (H, W) at the ORIGINAL image size; layer_maps
-    (n_words, h, w) at the explained layer; guided_maps (n_words, H, W) for "guided-gradcam".
+    (n_words, h, w) at the explained layer. A pixel-space method (Guided Grad-CAM) keeps in
+    ``maps`` / ``layer_maps`` the CAM maps it refines and its own per-pixel maps in
+    ``guided_maps`` (n_words, H, W) and ``method_maps`` (what ``for_method`` and eval read).
     """
 
     caption: str
@@ -120,7 +119,9 @@ class CaptionExplanation:
     model: str
     counterfactual: bool = False
     guided_maps: torch.Tensor | None = None
-    alphas: torch.Tensor | None = None  # (n_words, C): Grad-CAM channel weights (mean gradient)
+    # (n_words, C): the first method's own channel weights (Explanation.channel_weights; Grad-CAM:
+    # the mean gradient), None for a method that weighs locations (HiResCAM, LayerCAM)
+    alphas: torch.Tensor | None = None
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, caption_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     notice: str | None = None  # set when the image lies outside what the model knows (default models)
@@ -307,22 +308,13 @@ class Captioner(Adapter):
                 raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
         per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
-        names = method_names(self.default_method if method is None else method,
-                             known=mg.available_methods() + list(PIXEL_METHODS))
-        pixel_method = any(name in PIXEL_METHODS for name in names)
-        # the CAM methods to compute (Guided Grad-CAM multiplies Guided Backprop by Grad-CAM)
-        cam_names = list(dict.fromkeys([n for n in names if n not in PIXEL_METHODS] + (["gradcam"] if pixel_method else [])))
+        names = method_names(self.default_method if method is None else method)
         with self.forward_context():
-            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, cam_names,
+            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                               **self.layer_options)
-            maps = {name: exp.maps for name, exp in exps.items()}
-            guided = None
-            if pixel_method:
-                gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
-                guided = (gb * maps["gradcam"][:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
-        first = exps[cam_names[0]]
-        shown = [n for n in names if n not in PIXEL_METHODS] or ["gradcam"]
+        first = exps[names[0]]
+        pixel = next((exps[n] for n in names if exps[n].pixel_maps is not None), None)
         results = []
         for b, (geometry, t, c) in enumerate(zip(geometries, tokens, chosen)):
             n, k = len(t.words), len(c)
@@ -335,23 +327,28 @@ class Captioner(Adapter):
                 return out
 
             method_maps = {}
-            for name in shown:
-                image_maps = geometry.invert(maps[name][:, b])
-                method_maps[name] = (per_word_rows(image_maps), per_word_rows(exps[name].layer_maps[:, b]),
+            for name in names:
+                exp = exps[name]  # a pixel-space method's own maps are its pixel maps
+                image_maps = geometry.invert((exp.maps if exp.pixel_maps is None else exp.pixel_maps)[:, b])
+                method_maps[name] = (per_word_rows(image_maps), per_word_rows(exp.layer_maps[:, b]),
                                      image_maps[-1])
             scores = first.scores[:, b]
             logprobs = torch.full((n,), float("nan"))
             logprobs[order] = scores[:k].float()
-            word_maps, layer_maps, caption_map = method_maps[shown[0]]
+            # ``maps`` are the first method's CAM maps (for a pixel-space method, those it refines)
+            if first.pixel_maps is None:
+                word_maps, layer_maps, caption_map = method_maps[names[0]]
+            else:
+                image_maps = geometry.invert(first.maps[:, b])
+                word_maps, layer_maps, caption_map = per_word_rows(image_maps), method_maps[names[0]][1], image_maps[-1]
+            weights = first.channel_weights
             results.append(CaptionExplanation(
                 caption=join_caption(t), words=t.words, word_logprobs=logprobs.tolist(),
                 caption_logprob=float(scores[-1]), maps=word_maps, layer_maps=layer_maps,
                 caption_map=caption_map, seen=geometry.seen(),
-                method="guided-gradcam" if names == ["guided-gradcam"] else shown[0],
-                layer=first.layer_name, model=self.name, counterfactual=counterfactual,
-                guided_maps=None if guided is None else per_word_rows(geometry.invert(guided[:, b])),
-                alphas=per_word_rows(first.gradients[:, b].mean(dim=(-2, -1))),
-                method_maps=method_maps,
+                method=first.method, layer=first.layer_name, model=self.name, counterfactual=counterfactual,
+                guided_maps=None if pixel is None else method_maps[pixel.method][0],
+                alphas=None if weights is None else per_word_rows(weights[:, b]), method_maps=method_maps,
             ))
         return results
 

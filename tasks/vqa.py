@@ -19,7 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
-from mmgradcam.methods.base import MethodSpec, method_names
+from mmgradcam.engine.registry import MethodSpec, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter
@@ -40,7 +40,11 @@ class Difference:
 
 @dataclass
 class VQAExplanation:
-    """Maps for the explained answers (the first one is ``answer``), at the ORIGINAL image size."""
+    """Maps for the explained answers (the first one is ``answer``), at the ORIGINAL image size.
+
+    A pixel-space method (Guided Grad-CAM) keeps in ``maps`` / ``layer_maps`` the CAM maps it
+    refines and its own per-pixel maps in ``guided_maps`` (K, H, W) and ``method_maps`` (what
+    ``for_method`` and eval read)."""
 
     question: str
     answers: list[str]
@@ -57,10 +61,13 @@ class VQAExplanation:
     contrast: str | None = None
     contrast_map: torch.Tensor | None = None  # (H, W): answers[0] against ``contrast``
     top_answers: list[tuple[str, float]] | None = None
-    alphas: torch.Tensor | None = None  # (K, C): Grad-CAM channel weights (mean gradient)
+    # (K, C): the first method's own channel weights (Explanation.channel_weights; Grad-CAM: the
+    # mean gradient), None for a method that weighs locations (HiResCAM, LayerCAM)
+    alphas: torch.Tensor | None = None
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, contrast_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     notice: str | None = None  # set when the image lies outside what the model knows (default models)
+    guided_maps: torch.Tensor | None = None  # (K, H, W): Guided Grad-CAM's per-pixel maps when asked for
 
     @property
     def methods(self) -> list[str]:
@@ -101,6 +108,8 @@ class VQAExplanation:
                "answers": np.array(self.answers), "scores": np.array(self.scores)}
         if self.contrast_map is not None:
             out["contrast_map"] = self.contrast_map.numpy()
+        if self.guided_maps is not None:
+            out["guided_maps"] = self.guided_maps.numpy()
         for name, (maps, _, _) in self.method_maps.items():
             out[f"maps@{name}"] = maps.numpy()
         return out
@@ -182,19 +191,29 @@ class VQAModel(Adapter):
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                               **self.layer_options)
         count = len(answers)
+
+        def split(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            image_maps = geometry.invert(maps[:, 0])  # the answers' maps, then the contrast's
+            return image_maps[:count], image_maps[count] if contrast is not None else None
+
         method_maps = {}
-        for name, exp in exps.items():
-            maps = geometry.invert(exp.maps[:, 0])
-            method_maps[name] = (maps[:count], exp.layer_maps[:count, 0], maps[count] if contrast is not None else None)
+        for name, exp in exps.items():  # a pixel-space method's own maps are its pixel maps
+            maps, contrast_map = split(exp.maps if exp.pixel_maps is None else exp.pixel_maps)
+            method_maps[name] = (maps, exp.layer_maps[:count, 0], contrast_map)
         first = exps[names[0]]
-        maps, layer_maps, contrast_map = method_maps[names[0]]
+        pixel = next((name for name in names if exps[name].pixel_maps is not None), None)
+        # ``maps`` are the first method's CAM maps (for a pixel-space method, those it refines)
+        maps, contrast_map = split(first.maps) if first.pixel_maps is not None else \
+            (method_maps[names[0]][0], method_maps[names[0]][2])
         probabilities = self.answer_probabilities(inputs, answers)
+        weights = first.channel_weights
         return VQAExplanation(
             question=question, answers=answers, scores=first.scores[:count, 0].tolist(), probabilities=probabilities,
-            maps=maps, layer_maps=layer_maps, seen=geometry.seen(), method=first.method,
+            maps=maps, layer_maps=method_maps[names[0]][1], seen=geometry.seen(), method=first.method,
             layer=first.layer_name, model=self.name, score_kind=score, counterfactual=counterfactual,
             contrast=contrast, contrast_map=contrast_map, top_answers=top,
-            alphas=first.gradients[:count, 0].mean(dim=(-2, -1)), method_maps=method_maps,
+            alphas=None if weights is None else weights[:count, 0], method_maps=method_maps,
+            guided_maps=None if pixel is None else method_maps[pixel][0],
         )
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:

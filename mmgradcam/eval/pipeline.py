@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmgradcam.methods.base import method_names
+from mmgradcam.engine.registry import method_names
 
 from . import shards
 from .coco import CocoData, Skip
