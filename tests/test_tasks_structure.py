@@ -1,5 +1,6 @@
 """tasks/ as registered plug-ins: imports that never circle (also inside functions and through
-importlib), shared modules that name no family, a registry that a new family joins with one file,
+importlib) and never point up a floor anywhere in mmgradcam/ and tasks/ (engine and methods <-
+tasks and data <- eval <- report <- cli; the engine imports no method), shared modules that name no family, a registry that a new family joins with one file,
 and the traps of issue 13 (shared layer options, ignored max_words, unknown-word questions)."""
 from __future__ import annotations
 
@@ -241,3 +242,56 @@ def test_classifier_vqa_is_shared_by_the_default_model_and_vilt(hf_vqa):
     inputs, _ = vilt.prepare(IMAGE, "what color is the circle ?")
     ranked = vilt.ranked_answers(inputs, 3)
     assert vilt.answer_probabilities(inputs, [a for a, _ in ranked]) == pytest.approx([p for _, p in ranked])
+
+
+# ------------------------------------------------------------- the floors of the whole tree
+# engine and methods <- tasks and data <- eval <- report <- cli (docs/ARCHITECTURE.md); the root
+# package (mg.explain, mg.guided_gradcam, ...) is the engine floor's public face
+FLOORS = [("mmgradcam.engine", 0), ("mmgradcam.methods", 0), ("mmgradcam.targets", 0),
+          ("mmgradcam.tasks", 1), ("mmgradcam.data", 1), ("mmgradcam.eval", 2), ("mmgradcam.report", 3),
+          ("mmgradcam.cli", 4)]
+
+
+def _floor(name: str) -> int:
+    if name == "mmgradcam":
+        return 0
+    for prefix, floor in FLOORS:
+        if name == prefix or name.startswith(prefix + "."):
+            return floor
+    raise AssertionError(f"{name} is on no floor: add its package to FLOORS and docs/ARCHITECTURE.md")
+
+
+def test_every_module_is_on_a_floor():
+    for name in FILES:
+        _floor(name)
+
+
+def test_no_import_circle_anywhere():
+    assert _cycles(set(FILES)) == []
+
+
+def test_no_import_up_a_floor_anywhere():
+    up = sorted((name, m) for name in FILES for m in GRAPH[name] if _floor(m) > _floor(name))
+    assert up == []
+
+
+def test_engine_imports_no_method_and_nothing_above():
+    """The engine looks methods up in its own registry (engine/registry.py): every method imports
+    the engine, so an engine import of methods/ (or of the root package, which imports them) circles."""
+    engine = {name for name in FILES if name.startswith("mmgradcam.engine")}
+    bad = sorted((name, m) for name in engine for m in GRAPH[name]
+                 if m == "mmgradcam" or m.startswith(("mmgradcam.methods", "mmgradcam.tasks", "mmgradcam.eval",
+                                                     "mmgradcam.report", "mmgradcam.cli")))
+    assert bad == []
+    methods = {name for name in FILES if name.startswith("mmgradcam.methods")}
+    above = ("mmgradcam.tasks", "mmgradcam.eval", "mmgradcam.report", "mmgradcam.cli")
+    assert sorted((name, m) for name in methods for m in GRAPH[name] if m.startswith(above)) == []
+
+
+def test_the_floor_scan_sees_an_upward_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import importlib\n    importlib.import_module('mmgradcam.eval.metrics')\n"
+                     "    from ..methods import gradcam\n")
+    found = _imports("mmgradcam.engine.probe", probe)
+    assert {"mmgradcam.eval.metrics", "mmgradcam.methods.gradcam"} <= found
+    assert any(_floor(m) > _floor("mmgradcam.engine.probe") for m in found)
