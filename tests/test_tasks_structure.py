@@ -295,3 +295,34 @@ def test_the_floor_scan_sees_an_upward_import(tmp_path):
     found = _imports("mmgradcam.engine.probe", probe)
     assert {"mmgradcam.eval.metrics", "mmgradcam.methods.gradcam"} <= found
     assert any(_floor(m) > _floor("mmgradcam.engine.probe") for m in found)
+
+
+# ----------------------------------------------------------------- docs/ARCHITECTURE.md
+def test_architecture_doc_is_linked_and_its_method_example_runs(monkeypatch):
+    """The README links the one architecture document; its "add a method" example is one file's
+    text that, registered, is a method every caller can name."""
+    import re
+
+    import torch
+
+    import mmgradcam as mg
+    from mmgradcam.engine import registry
+    from mmgradcam.targets import ClassScore
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    assert "(docs/ARCHITECTURE.md)" in (ROOT / "README.md").read_text()
+    assert not list((ROOT / "docs").glob("ARCHITECTURE_*.md"))  # merged into the one document
+    for floor in ("engine", "methods", "tasks", "eval", "report", "cli"):
+        assert floor in doc
+    section = doc[doc.index("## How to add a method"):]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the example leaves no trace
+    before = set(registry.available_methods())
+    exec(source.replace("from ..engine.registry", "from mmgradcam.engine.registry"), {"__name__": "doc_example"})
+    (name,) = set(registry.available_methods()) - before
+    assert name in mg.available_methods()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x = torch.rand(1, 3, 6, 6)
+    model(x)
+    exp = mg.explain(model, x, [ClassScore(0)], "1", name)
+    assert exp.method == name and exp.channel_weights is not None
