@@ -23,6 +23,7 @@ from mmgradcam.targets import logits_of
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
 
+
 @dataclass
 class CaptionTokens:
     """A caption as the model reads it under teacher forcing.
