@@ -10,11 +10,11 @@ from pathlib import Path
 from . import __version__, available_methods
 
 
-def _method_help(extra: Sequence[str] = (), several: str = "") -> str:
+def _method_help(several: str = "") -> str:
     """--method's help: the registered methods (not a hard-coded list), "all", the default."""
-    names = ", ".join([*available_methods(), *extra])
-    return (f"{names}; several separated by commas, or 'all' (every one from the same forward and backward "
-            f"pass{several}); default: the model's own default method")
+    names = ", ".join(available_methods(pixel=True))
+    return (f"{names}; several separated by commas, or 'all' (every CAM method, from the same forward and "
+            f"backward pass{several}); default: the model's own default method")
 
 
 def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
@@ -45,9 +45,7 @@ def _compare_method(captioner, requested: str | None, method: str) -> str | None
     """The method the caption figure draws in a second row beside ``method``'s: --compare-method,
     else the model config's "compare_method"; None for "none", for none given, or when it is
     ``method``'s first method already."""
-    from . import available_methods
-    from .methods.base import method_names
-    from .tasks.captioning import PIXEL_METHODS
+    from .engine.registry import is_pixel_method, method_names
 
     explicit = requested is not None
     if not explicit:
@@ -58,8 +56,8 @@ def _compare_method(captioner, requested: str | None, method: str) -> str | None
     names = method_names(requested, known=available_methods())
     if len(names) != 1:
         raise ValueError(f"--compare-method takes one method, got {requested!r}")
-    first = method_names(method, known=[*available_methods(), *PIXEL_METHODS])[0]
-    if first in PIXEL_METHODS:  # Guided Grad-CAM's figure has no CAM row to set beside another
+    first = method_names(method)[0]
+    if is_pixel_method(first):  # Guided Grad-CAM's figure has no CAM row to set beside another
         if explicit:
             raise ValueError(f"--compare-method needs a CAM --method, not {first!r}")
         return None
@@ -78,10 +76,9 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     # every method, the compared one included, from one forward and backward pass (the report gets
     # a method switch)
     if compare is not None:  # a list, so that "all" (not a name inside "all,hirescam") works too
-        from .methods.base import method_names
-        from .tasks.captioning import PIXEL_METHODS
+        from .engine.registry import method_names
 
-        method = [*method_names(method, known=[*available_methods(), *PIXEL_METHODS]), compare]
+        method = [*method_names(method), compare]
     result = captioner.explain(pil, caption=args.caption, method=method, layer=args.layer,
                                counterfactual=args.counterfactual, beam_size=args.beam)
     _print_notice(result)
@@ -121,7 +118,7 @@ def _write_html(out: Path, common_scale: bool = False) -> None:
 def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--model", default="default", help="'default', a model directory (or HF id)")
     parser.add_argument("--method", default=None,
-                        help=_method_help(["guided-gradcam"], "; maps@METHOD in maps.npz, a method switch in the report"))
+                        help=_method_help("; maps@METHOD in maps.npz, a method switch in the report"))
     parser.add_argument("--compare-method", default=None,
                         help="also draw this method's maps in a second row of caption.png (same pass); default: "
                              "the model config's compare_method, if any; 'none' for one row")
@@ -417,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--score", choices=["logit", "logprob"], default="logit")
     ask.add_argument("--model", default="default", help="'default' or a model directory (or HF id)")
     ask.add_argument("--method", default=None,
-                     help=_method_help((), "; maps@METHOD in maps.npz, a method switch in the report"))
+                     help=_method_help("; maps@METHOD in maps.npz, a method switch in the report"))
     ask.add_argument("--layer", default=None)
     ask.add_argument("--counterfactual", action="store_true", help="why not: negated gradients")
     ask.add_argument("--common-scale", action="store_true")
@@ -442,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="default", help="captioner: 'default', a directory or HF id")
     evaluate.add_argument("--vqa-model", default="default", help="VQA model: 'default', a directory or HF id")
     evaluate.add_argument("--method", default=None,
-                          help=_method_help((), "; every method's maps are scored, the baselines once per word"))
+                          help=_method_help("; every method's maps are scored, the baselines once per word"))
     evaluate.add_argument("--layer", default=None)
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -481,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in grey levels (of 255)")
     attack.add_argument("--steps", type=int, default=40)
     attack.add_argument("--model", default="default")
-    attack.add_argument("--method", default=None, help=_method_help((), "; the figure shows the first"))
+    attack.add_argument("--method", default=None, help=_method_help("; the figure shows the first"))
     attack.add_argument("--instances", type=Path, default=None, help="COCO instances describing IMAGE (for scoring)")
     attack.add_argument("--images", type=Path, default=None)
     attack.add_argument("--out", type=Path, default=Path("out/adversarial"))
@@ -493,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("image")
     compare.add_argument("--caption", default=None, help="caption to explain (default: model A's)")
     compare.add_argument("--word", action="append", default=[], help="only these words (repeatable)")
-    compare.add_argument("--method", default=None, help=_method_help((), "; one row per model and method"))
+    compare.add_argument("--method", default=None, help=_method_help("; one row per model and method"))
     compare.add_argument("--out", type=Path, default=Path("out/compare"))
     compare.set_defaults(func=cmd_compare)
 

@@ -59,7 +59,7 @@ def timed(fn, repeats: int):
 def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int) -> None:
     tokens = captioner.tokenize(caption)
     inputs, _ = captioner.preprocess(image)
-    model_inputs = captioner.model_inputs(inputs["pixel_values"], [tokens])
+    model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
     per_word, _ = word_targets(tokens, captioner.text_logits_from_end)
     layer, options = captioner.resolve_layer(None), captioner.layer_options
 

@@ -34,7 +34,7 @@ def naive(captioner, images: list[Image.Image]) -> int:
         caption = captioner.generate(image)
         tokens = captioner.tokenize(caption)
         inputs, _ = captioner.preprocess(image)
-        model_inputs = captioner.model_inputs(inputs["pixel_values"], [tokens])
+        model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
         per_word, _ = word_targets(tokens)
         for target in per_word:
             mg.explain(captioner.model, model_inputs, [target], captioner.default_layer)

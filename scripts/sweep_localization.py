@@ -130,7 +130,7 @@ def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[st
             continue
         annotation = answers[question["question_id"]]
         pil = Image.open(split["images_dir"] / info["file_name"]).convert("RGB")
-        inputs, geometry = model.model_inputs(pil, question["question"])
+        inputs, geometry = model.prepare(pil, question["question"])
         answer = model.ranked_answers(inputs, 1)[0][0]
         accuracy["questions"] += 1
         correct = answer == annotation["multiple_choice_answer"]
@@ -143,7 +143,7 @@ def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[st
         for word_class in classes:
             tally.add(("-", "center", word_class), center_gaussian(mask.shape), mask, distance)
         for layer in layers:
-            result = model.explain_inputs(inputs, geometry, question["question"], answer, method="all", layer=layer)
+            result = model.explain_prepared(inputs, geometry, question["question"], answer, method="all", layer=layer)
             for method, (maps, _, _) in result.method_maps.items():
                 for word_class in classes:
                     tally.add((layer, method, word_class), maps[0].numpy(), mask, distance)

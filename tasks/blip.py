@@ -13,20 +13,22 @@ from torch import nn
 
 from mmgradcam.engine import preserved_state
 
-from .geometry import ImageLike, load_image
-from .hf import HFCaptioner, ProcessorGeometry, encoder_blocks, module_name
+from .common import register_adapter
+from .geometry import ImageLike
+from .hf import HFAdapter, HFCaptioner, last_block_name
 from .vqa import VQAModel
 
 LAYER_REASON = "the vision encoder's last block: the text decoder cross-attends to all its patch tokens"
 
 
+@register_adapter("captioning", model_type="blip", model_class="BlipForConditionalGeneration")
 class BlipCaptioner(HFCaptioner):
     family = "blip"
     layer_reason = LAYER_REASON
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "blip"):
         super().__init__(model, tokenizer, image_processor, name)
-        self.default_layer = module_name(model, encoder_blocks(model.vision_model)[-1][1])
+        self.default_layer = last_block_name(model, model.vision_model)
         self.bos_id = int(model.config.text_config.bos_token_id)
 
     def _max_tokens(self) -> int:
@@ -78,18 +80,16 @@ class AnswerRowLogProb:
         return sum(logprobs[pos, tok] for pos, tok in self.positions).reshape(1)
 
 
-class BlipVQA(VQAModel):
+@register_adapter("vqa", model_type="blip", model_class="BlipForQuestionAnswering")
+class BlipVQA(HFAdapter, VQAModel):
     family = "blip"
     layer_reason = LAYER_REASON
     max_answer_tokens = 10
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "blip-vqa"):
         self.blip = model.eval()
-        self.model = BlipAnswerScorer(self.blip).eval()
-        self.tokenizer = tokenizer
-        self.processor = ProcessorGeometry(image_processor)
-        self.name = name
-        self.default_layer = module_name(model, encoder_blocks(model.vision_model)[-1][1])
+        super().__init__(BlipAnswerScorer(self.blip), tokenizer, image_processor, name)
+        self.default_layer = last_block_name(model, model.vision_model)
         self.bos_id = int(model.config.text_config.bos_token_id)
         self._generated: dict[str, list[int]] = {}
 
@@ -97,25 +97,10 @@ class BlipVQA(VQAModel):
     def layer_root(self) -> nn.Module:
         return self.blip
 
-    @property
-    def normalization(self) -> tuple[list[float], list[float]]:
-        return self.processor.normalization
-
-    def model_inputs(self, image: ImageLike, question: str):
-        if not isinstance(question, str) or not any(c.isalnum() for c in question):
-            raise ValueError(f"question {question!r} is empty: it has no words")
-        pil = load_image(image)
-        text = self.tokenizer(question, return_tensors="pt", truncation=True,
-                              max_length=self.blip.config.text_config.max_position_embeddings)
-        ids = text["input_ids"][0]
-        unknown = self.tokenizer.unk_token_id
-        specials = torch.tensor(self.tokenizer.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True),
-                                dtype=torch.bool)
-        if unknown is not None and bool((ids[~specials] == unknown).all()):
-            raise ValueError(f"question {question!r} has only words the model's tokenizer does not know")
-        inputs = {"pixel_values": self.processor.pixels(pil)["pixel_values"], "input_ids": text["input_ids"],
-                  "attention_mask": text["attention_mask"]}
-        return inputs, self.processor.geometry((pil.height, pil.width))
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], Any]:
+        inputs, geometry = self.question_inputs(image, text, self.blip.config.text_config.max_position_embeddings)
+        # the answer scorer's forward takes exactly these (no token_type_ids)
+        return {k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}, geometry
 
     def _answer_ids(self, answer: str) -> list[int]:
         """[DEC] answer tokens [SEP]; a generated candidate keeps the ids it was generated with

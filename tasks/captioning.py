@@ -17,13 +17,11 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
-from mmgradcam.methods.base import MethodSpec, method_names
+from mmgradcam.engine.registry import MethodSpec, method_names
 from mmgradcam.targets import logits_of
 
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
-
-PIXEL_METHODS = ("guided-gradcam",)
 
 
 @dataclass
@@ -104,7 +102,9 @@ class CaptionExplanation:
     """Per-word maps for one image and caption.
 
     maps (n_words, H, W) and caption_map (H, W) at the ORIGINAL image size; layer_maps
-    (n_words, h, w) at the explained layer; guided_maps (n_words, H, W) for "guided-gradcam".
+    (n_words, h, w) at the explained layer. A pixel-space method (Guided Grad-CAM) keeps in
+    ``maps`` / ``layer_maps`` the CAM maps it refines and its own per-pixel maps in
+    ``guided_maps`` (n_words, H, W) and ``method_maps`` (what ``for_method`` and eval read).
     """
 
     caption: str
@@ -120,7 +120,9 @@ class CaptionExplanation:
     model: str
     counterfactual: bool = False
     guided_maps: torch.Tensor | None = None
-    alphas: torch.Tensor | None = None  # (n_words, C): Grad-CAM channel weights (mean gradient)
+    # (n_words, C): the first method's own channel weights (Explanation.channel_weights; Grad-CAM:
+    # the mean gradient), None for a method that weighs locations (HiResCAM, LayerCAM)
+    alphas: torch.Tensor | None = None
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, caption_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     notice: str | None = None  # set when the image lies outside what the model knows (default models)
@@ -182,9 +184,9 @@ class Captioner(Adapter):
     """What every captioning adapter provides; ``explain`` is shared by all model families.
 
     Subclasses set ``model`` (an nn.Module whose forward takes the keyword inputs from
-    ``model_inputs`` and returns logits (B, L, V) or an output with ``.logits``), ``default_layer``
-    (with ``layer_reason``) and ``pad_id``, and implement ``preprocess``, ``tokenize`` and
-    ``generate`` (``generate_batch`` and ``model_inputs`` when the defaults do not fit).
+    ``batch_inputs`` and returns logits (B, L, V) or an output with ``.logits``), ``default_layer``
+    (with ``layer_reason``) and ``pad_id``, and implement ``preprocess``, ``tokenize``,
+    ``generate_batch`` and ``normalization`` (``batch_inputs`` when the default does not fit).
     """
 
     pad_id: int = 0
@@ -196,16 +198,25 @@ class Captioner(Adapter):
     def tokenize(self, caption: str) -> CaptionTokens:
         raise NotImplementedError
 
-    def model_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
-        """The model's keyword inputs for a batch of images and their captions."""
+    def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for a batch of preprocessed images and their captions."""
         return {"pixel_values": pixel_values, **self.collate(tokens)}
 
-    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
-        raise NotImplementedError
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], Any]:
+        """The model's keyword inputs for one image and its caption, and the image geometry."""
+        pixels, geometry = self.preprocess(image)
+        return self.batch_inputs(pixels["pixel_values"], [self.tokenize(text)]), geometry
 
-    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1) -> list[str]:
-        """Captions for several images (adapters override this to batch the model)."""
-        return [self.generate(image, beam_size=beam_size) for image in images]
+    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
+        """The model's caption of ``image``, at most ``max_words`` words long when given."""
+        if max_words is not None and max_words < 1:
+            raise ValueError(f"max_words must be at least 1 (or None), got {max_words}")
+        return self.generate_batch([image], beam_size=beam_size, max_words=max_words)[0]
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
+        """Captions for several images (at most ``max_words`` words each when given)."""
+        raise NotImplementedError
 
     def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         """Batch the text inputs: right-pad ``input_ids`` (with ``pad_id``) and the extra inputs (0)."""
@@ -228,7 +239,7 @@ class Captioner(Adapter):
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
             per_word, _ = word_targets(tokens, self.text_logits_from_end)
             with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
-                output = self.model(**self.model_inputs(pixels, tokens))
+                output = self.model(**self.batch_inputs(pixels, tokens))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
         return scores
@@ -274,37 +285,37 @@ class Captioner(Adapter):
         tokens = [self.tokenize(c) for c in captions]
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
-        return self.explain_pixels(pixel_values, tokens, [g for _, g in prepared], method=method, layer=layer,
-                                   counterfactual=counterfactual, batched=batched, select=select)
+        return self._explain_tokens(self.batch_inputs(pixel_values, tokens), tokens, [g for _, g in prepared],
+                                    method=method, layer=layer, counterfactual=counterfactual, batched=batched,
+                                    select=select)
 
-    def explain_pixels(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens], geometries: Sequence[Any],
-                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,
-                       counterfactual: bool = False, batched: bool | str = "auto",
-                       select: Any = None) -> list[CaptionExplanation]:
-        """``explain_batch`` on already preprocessed pixels (e.g. an adversarial image)."""
-        model_inputs = self.model_inputs(pixel_values, tokens)
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str,
+                         method: MethodSpec | None = None, layer: nn.Module | str | None = None,
+                         counterfactual: bool = False, batched: bool | str = "auto",
+                         select: Any = None) -> CaptionExplanation:
+        """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
+        (e.g. an adversarial image); ``text`` is the caption they were prepared with."""
+        return self._explain_tokens(inputs, [self.tokenize(text)], [geometry], method=method, layer=layer,
+                                    counterfactual=counterfactual, batched=batched, select=select)[0]
+
+    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
+                        geometries: Sequence[Any], method: MethodSpec | None = None,
+                        layer: nn.Module | str | None = None, counterfactual: bool = False,
+                        batched: bool | str = "auto", select: Any = None) -> list[CaptionExplanation]:
+        """The shared core: one forward and one batched backward for all words of all captions."""
         chosen = [list(range(len(t.words))) if select is None else sorted(set(select(t.words))) for t in tokens]
         for t, c in zip(tokens, chosen):
             if any(not 0 <= j < len(t.words) for j in c):
                 raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
         per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
-        names = method_names(self.default_method if method is None else method,
-                             known=mg.available_methods() + list(PIXEL_METHODS))
-        pixel_method = any(name in PIXEL_METHODS for name in names)
-        # the CAM methods to compute (Guided Grad-CAM multiplies Guided Backprop by Grad-CAM)
-        cam_names = list(dict.fromkeys([n for n in names if n not in PIXEL_METHODS] + (["gradcam"] if pixel_method else [])))
+        names = method_names(self.default_method if method is None else method)
         with self.forward_context():
-            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, cam_names,
+            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                               **self.layer_options)
-            maps = {name: exp.maps for name, exp in exps.items()}
-            guided = None
-            if pixel_method:
-                gb = mg.guided_backprop(self.model, model_inputs, per_word, image_key="pixel_values", batched=batched)
-                guided = (gb * maps["gradcam"][:-1, :, None]).abs().amax(dim=2)  # (T, B, H, W)
-        first = exps[cam_names[0]]
-        shown = [n for n in names if n not in PIXEL_METHODS] or ["gradcam"]
+        first = exps[names[0]]
+        pixel = next((exps[n] for n in names if exps[n].pixel_maps is not None), None)
         results = []
         for b, (geometry, t, c) in enumerate(zip(geometries, tokens, chosen)):
             n, k = len(t.words), len(c)
@@ -317,23 +328,28 @@ class Captioner(Adapter):
                 return out
 
             method_maps = {}
-            for name in shown:
-                image_maps = geometry.invert(maps[name][:, b])
-                method_maps[name] = (per_word_rows(image_maps), per_word_rows(exps[name].layer_maps[:, b]),
+            for name in names:
+                exp = exps[name]  # a pixel-space method's own maps are its pixel maps
+                image_maps = geometry.invert((exp.maps if exp.pixel_maps is None else exp.pixel_maps)[:, b])
+                method_maps[name] = (per_word_rows(image_maps), per_word_rows(exp.layer_maps[:, b]),
                                      image_maps[-1])
             scores = first.scores[:, b]
             logprobs = torch.full((n,), float("nan"))
             logprobs[order] = scores[:k].float()
-            word_maps, layer_maps, caption_map = method_maps[shown[0]]
+            # ``maps`` are the first method's CAM maps (for a pixel-space method, those it refines)
+            if first.pixel_maps is None:
+                word_maps, layer_maps, caption_map = method_maps[names[0]]
+            else:
+                image_maps = geometry.invert(first.maps[:, b])
+                word_maps, layer_maps, caption_map = per_word_rows(image_maps), method_maps[names[0]][1], image_maps[-1]
+            weights = first.channel_weights
             results.append(CaptionExplanation(
                 caption=join_caption(t), words=t.words, word_logprobs=logprobs.tolist(),
                 caption_logprob=float(scores[-1]), maps=word_maps, layer_maps=layer_maps,
                 caption_map=caption_map, seen=geometry.seen(),
-                method="guided-gradcam" if names == ["guided-gradcam"] else shown[0],
-                layer=first.layer_name, model=self.name, counterfactual=counterfactual,
-                guided_maps=None if guided is None else per_word_rows(geometry.invert(guided[:, b])),
-                alphas=per_word_rows(first.gradients[:, b].mean(dim=(-2, -1))),
-                method_maps=method_maps,
+                method=first.method, layer=first.layer_name, model=self.name, counterfactual=counterfactual,
+                guided_maps=None if pixel is None else method_maps[pixel.method][0],
+                alphas=None if weights is None else per_word_rows(weights[:, b]), method_maps=method_maps,
             ))
         return results
 
@@ -341,7 +357,8 @@ class Captioner(Adapter):
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
          image_processor: Any = None, trust_remote_code: bool = False) -> Captioner:
     """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
-    model id or save_pretrained directory (BLIP, GIT, VisionEncoderDecoder), or a transformers
-    model object with its processor. ``trust_remote_code`` stays off unless you turn it on."""
+    model id or save_pretrained directory, or a transformers model object with its processor (any
+    family registered for captioning; README lists them). ``trust_remote_code`` stays off unless
+    you turn it on."""
     return load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
                         trust_remote_code=trust_remote_code)

@@ -1,20 +1,30 @@
-"""What captioning and VQA adapters share."""
+"""What captioning and VQA adapters share, and the registry that model families add themselves to.
+
+This module names no family: a family file (tasks/default.py, tasks/blip.py, ...) imports the
+shared bases and registers its loader (``register_loader``) and, for transformers models, the
+adapter classes it handles (``register_adapter``). ``captioning.load`` and ``vqa.load`` only look
+the registry up, so a new family is one new file and nothing shared changes.
+"""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
+import torch
 from PIL import Image
 from torch import nn
 
 from mmgradcam.engine import resolve_layer
 
+TASKS = ("captioning", "vqa")
+
 
 class Adapter:
-    """Layer handling shared by every task adapter.
+    """Layer handling and the input contract shared by every task adapter.
 
     ``model`` is what the engine runs; ``layer_root`` is the module layer names are relative to:
     the user's model, also when ``model`` wraps it (BLIP VQA's answer scorer)."""
@@ -25,9 +35,11 @@ class Adapter:
     default_layer: str = ""
     layer_reason: str = ""
     default_method: str = "gradcam"
-    layer_options: dict[str, Any] = {}
+    # engine options for the explained layer (layout, prefix_tokens, grid). Read-only here: an
+    # adapter that needs options assigns its own mapping per instance, so no two adapters share one
+    layer_options: Mapping[str, Any] = MappingProxyType({})
     # image -> a short note when the image lies outside what the model knows (None: silent);
-    # load_adapter sets the shapes-world check for the default family, other models know the world
+    # the default family's loader sets its shapes-world check, other models know the world
     domain_check: Callable[[Image.Image], str | None] | None = None
 
     def domain_notice(self, image: Image.Image) -> str | None:
@@ -43,28 +55,100 @@ class Adapter:
             return resolve_layer(self.layer_root, layer)[1]
         return layer
 
+    def prepare(self, image: Any, text: str) -> tuple[dict[str, torch.Tensor], Any]:
+        """The model's keyword inputs for one image and its text (a caption or a question), and
+        the geometry that maps the model's pixels back onto the original image.
+
+        One contract for both tasks, so code that perturbs the pixels (adversarial attacks,
+        layer dissection) swaps ``inputs["pixel_values"]`` and calls ``explain_prepared``."""
+        raise NotImplementedError
+
     @property
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel (mean, std) mapping [0, 1] pixels to the model's input values."""
-        return [0.5] * 3, [0.25] * 3  # the default models (geometry.to_tensor)
+        raise NotImplementedError
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Entered around every forward the adapter makes (ViLT records its patch index)."""
         return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class LoadRequest:
+    """What ``captioning.load`` / ``vqa.load`` were asked for."""
+
+    task: str
+    source: str | Path | nn.Module
+    processor: Any = None
+    tokenizer: Any = None
+    image_processor: Any = None
+    trust_remote_code: bool = False
+
+
+# source -> an adapter, or None when the source is not the loader's kind
+Loader = Callable[[LoadRequest], "Adapter | None"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """An adapter class and the models it handles: a transformers config ``model_type`` (a hub id
+    or a save_pretrained directory) and a model class name (a model object)."""
+
+    task: str
+    adapter: type
+    model_type: str | None = None
+    model_class: str | None = None
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+
+_LOADERS: list[tuple[int, str, Loader]] = []
+_ADAPTERS: list[Registration] = []
+A = TypeVar("A", bound=type)
+
+
+def register_loader(name: str, *, fallback: bool = False) -> Callable[[Loader], Loader]:
+    """Decorator: ``loader(request) -> Adapter | None`` is tried by ``load_adapter``; fallback
+    loaders (those that accept anything, such as a hub id) are tried last."""
+    def add(loader: Loader) -> Loader:
+        _LOADERS[:] = [entry for entry in _LOADERS if entry[1] != name]  # re-registering replaces
+        _LOADERS.append((1 if fallback else 0, name, loader))
+        _LOADERS.sort(key=lambda entry: entry[0])  # stable: registration order within a priority
+        return loader
+    return add
+
+
+def register_adapter(task: str, *, model_type: str | None = None,
+                     model_class: str | None = None) -> Callable[[A], A]:
+    """Class decorator: the adapter handles ``task`` for models of ``model_type`` / ``model_class``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    def add(adapter: A) -> A:
+        _ADAPTERS[:] = [r for r in _ADAPTERS if not (r.task == task and r.model_type == model_type
+                                                      and r.model_class == model_class)]
+        _ADAPTERS.append(Registration(task, adapter, model_type, model_class))
+        return adapter
+    return add
+
+
+def registered_adapters(task: str) -> list[Registration]:
+    return [r for r in _ADAPTERS if r.task == task]
+
+
 def load_adapter(task: str, name: str | Path | nn.Module, processor: Any = None, *, tokenizer: Any = None,
                  image_processor: Any = None, trust_remote_code: bool = False) -> Adapter:
-    """The adapter for ``task`` ("captioning" or "vqa"): the shipped default model, a directory
-    holding a default-family model, or (through tasks.hf) a Hugging Face id, directory or object."""
-    from . import default, hf
-
-    if isinstance(name, (str, Path)) and (str(name) == "default" or default.is_default_directory(name)):
-        from .shapes_world import domain_notice
-
-        adapter = default.load_default(task, name)
-        adapter.name = str(name)
-        adapter.domain_check = partial(domain_notice, task=task)
-        return adapter
-    return hf.load_hf(name, task, processor=processor, tokenizer=tokenizer, image_processor=image_processor,
-                      trust_remote_code=trust_remote_code)
+    """The adapter for ``task`` ("captioning" or "vqa") from the first registered loader that
+    accepts ``name`` (a shipped model's name, a directory, a hub id or a model object)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    request = LoadRequest(task, name, processor, tokenizer, image_processor, trust_remote_code)
+    for _, _, loader in _LOADERS:
+        adapter = loader(request)
+        if adapter is not None:
+            return adapter
+    raise ValueError(f"no registered model family loads {name!r} for {task} "
+                     f"(loaders: {', '.join(n for _, n, _ in _LOADERS) or 'none'})")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from mmgradcam.engine import preserved_state
-from mmgradcam.targets import ClassLogProb, ClassScore
-
 from . import checkpoints
 from .captioning import Captioner, CaptionTokens
-from .vqa import VQAModel
+from .common import Adapter, LoadRequest, register_loader
 from .geometry import ImageLike, Letterbox, load_image, to_tensor
+from .shapes_world import domain_notice
+from .vqa import ClassifierVQA
 from .text import Vocabulary, is_word, join_words, split_words
 
 
@@ -183,6 +183,11 @@ class DefaultFamily:
         self.default_method = config.get("default_method", self.default_method)
         self.layer_reason = config.get("default_reason", self.layer_reason)
 
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) mapping [0, 1] pixels to the model's input values."""
+        return [0.5] * 3, [0.25] * 3  # geometry.to_tensor
+
     def letterbox(self, image: ImageLike) -> tuple[torch.Tensor, Letterbox]:
         """(1, 3, S, S) pixels and the geometry that maps the result back to the original image."""
         pil = load_image(image)
@@ -222,13 +227,10 @@ class DefaultCaptioner(DefaultFamily, Captioner):
     def pad_id(self) -> int:
         return self.vocab.pad_id
 
-    def generate_batch(self, images, beam_size: int = 1) -> list[str]:
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
         pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
-        return self.generate_from_pixels(pixels, beam_size)
-
-    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
-        inputs, _ = self.preprocess(image)
-        return self.generate_from_pixels(inputs["pixel_values"], beam_size, max_words)[0]
+        return self.generate_from_pixels(pixels, beam_size, max_words)
 
     def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
                              max_words: int | None = None) -> list[str]:
@@ -366,7 +368,7 @@ def build_vqa_model(config: dict) -> AnswerNet | FiLMAnswerNet:
                      heads=config["heads"], max_question=config["max_question"], grid=config["grid"])
 
 
-class DefaultVQA(DefaultFamily, VQAModel):
+class DefaultVQA(DefaultFamily, ClassifierVQA):
     """The shipped shapes-world VQA model (or one trained by scripts/train_vqa.py)."""
 
     family = "default"
@@ -375,9 +377,7 @@ class DefaultVQA(DefaultFamily, VQAModel):
 
     def __init__(self, model: AnswerNet, config: dict):
         super().__init__(model, config)
-        self.answers = list(config["answers"])
-        self.answer_index = {a: i for i, a in enumerate(self.answers)}
-        self._last_probabilities: tuple | None = None  # ((pixel_values, input_ids), probabilities)
+        self.set_answers(config["answers"])
 
     def encode_question(self, question: str) -> torch.Tensor:
         if not isinstance(question, str):
@@ -395,41 +395,13 @@ class DefaultVQA(DefaultFamily, VQAModel):
             raise ValueError(f"question has {len(ids)} words and marks; the model's limit is {self.model.max_question}")
         return torch.tensor([ids])
 
-    def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Letterbox]:
-        input_ids = self.encode_question(question)
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], Letterbox]:
+        input_ids = self.encode_question(text)
         pixel_values, geometry = self.letterbox(image)
         return {"pixel_values": pixel_values, "input_ids": input_ids}, geometry
 
-    def _index(self, answer: str) -> int:
-        key = answer.strip().lower() if isinstance(answer, str) else answer
-        if key not in self.answer_index:
-            raise ValueError(f"answer {answer!r} is not in the model's answer vocabulary: {', '.join(self.answers)}")
-        return self.answer_index[key]
-
-    def answer_target(self, answer: str, score: str = "logit"):
-        index = self._index(answer)
-        return ClassScore(index) if score == "logit" else ClassLogProb(index)
-
-    def _probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer probabilities, computed once per prepared inputs (ranking and the explained
-        answers' probabilities then share one forward)."""
-        key = (inputs["pixel_values"], inputs["input_ids"])
-        cached = self._last_probabilities
-        if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1]:
-            return cached[1]
-        with torch.no_grad(), preserved_state(self.model):
-            probabilities = torch.softmax(self.model(**inputs), dim=-1)[0]
-        self._last_probabilities = (key, probabilities)
-        return probabilities
-
-    def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
-        probabilities = self._probabilities(inputs)
-        values, indices = probabilities.topk(min(top_k, len(self.answers)))
-        return [(self.answers[int(i)], float(v)) for v, i in zip(values, indices)]
-
-    def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
-        probabilities = self._probabilities(inputs)
-        return [float(probabilities[self._index(a)]) for a in answers]
+    def answer_key(self, answer: str) -> str:
+        return answer.strip().lower()
 
 
 def load_default(task: str, name: str | Path = "default") -> DefaultCaptioner | DefaultVQA:
@@ -448,3 +420,16 @@ def load_default(task: str, name: str | Path = "default") -> DefaultCaptioner | 
         raise ValueError(f"{directory}: config is for task={config.get('task')!r} family="
                          f"{config.get('family')!r}, not a default {task} model")
     return adapter(checkpoints.load_weights(build(config), directory), config)
+
+
+@register_loader("default")
+def load_default_family(request: LoadRequest) -> Adapter | None:
+    """The registry's loader for "default" and directories holding a default-family model."""
+    name = request.source
+    if not isinstance(name, (str, Path)) or not (str(name) == "default" or is_default_directory(name)):
+        return None
+    adapter = load_default(request.task, name)
+    adapter.name = str(name)
+    # the default models know only the shapes world: say so when an image is not from it
+    adapter.domain_check = partial(domain_notice, task=request.task)
+    return adapter

@@ -11,9 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from .hf import HFCaptioner, encoder_blocks, module_name
+from .common import register_adapter
+from .hf import HFCaptioner, last_block_name
 
 
+@register_adapter("captioning", model_type="git", model_class="GitForCausalLM")
 class GitCaptioner(HFCaptioner):
     family = "git"
     layer_reason = "the image encoder's last block: all its tokens enter the text decoder's sequence"
@@ -21,7 +23,7 @@ class GitCaptioner(HFCaptioner):
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "git"):
         super().__init__(model, tokenizer, image_processor, name)
-        self.default_layer = module_name(model, encoder_blocks(model.git.image_encoder)[-1][1])
+        self.default_layer = last_block_name(model, model.git.image_encoder)
 
     def _max_tokens(self) -> int:
         return int(self.model.config.max_position_embeddings)

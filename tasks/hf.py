@@ -1,5 +1,9 @@
-"""What the Hugging Face adapters share: loading offline, word/token alignment through the
-tokenizer's offsets, processor geometry, and finding encoder blocks by structure."""
+"""What the Hugging Face adapters share: loading offline (the registry's transformers loader),
+word/token alignment through the tokenizer's offsets, processor geometry and normalization, the
+question check, and finding encoder blocks by structure.
+
+Names no family: each family file registers its adapter classes with ``register_adapter`` and
+this module's loader finds them by the config's ``model_type`` or the model object's class."""
 from __future__ import annotations
 
 import re
@@ -11,7 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmgradcam.engine import resolve_layer
+
 from .captioning import Captioner, CaptionTokens
+from .common import Adapter, LoadRequest, register_loader, registered_adapters
 from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
 from .text import is_word
 
@@ -52,15 +59,23 @@ def encoder_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return best
 
 
-def module_name(root: nn.Module, module: nn.Module) -> str:
-    for name, candidate in root.named_modules():
-        if candidate is module:
-            return name
-    raise ValueError("module is not inside the model")
+def last_block_name(root: nn.Module, encoder: nn.Module, from_end: int = 1) -> str:
+    """The dotted name (under ``root``) of ``encoder``'s last block, or the ``from_end``-th from
+    the end (an encoder of fewer blocks gives its first)."""
+    blocks = encoder_blocks(encoder)
+    return resolve_layer(root, blocks[-min(from_end, len(blocks))][1])[0]
 
 
 def word_spans(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(0), m.start(), m.end()) for m in WORD_SPAN.finditer(text)]
+
+
+def first_words(text: str, count: int | None) -> str:
+    """``text`` up to the end of its ``count``-th word (punctuation is not a word); all of it for None."""
+    if count is None:
+        return text
+    ends = [end for word, _, end in word_spans(text) if is_word(word)]
+    return text if len(ends) <= count else text[:ends[count - 1]]
 
 
 def align_words(text: str, offsets: Sequence[tuple[int, int]], special: Sequence[bool]) -> tuple[list[str], list[list[int]]]:
@@ -112,7 +127,50 @@ class ProcessorGeometry:
         return self._cache[size]
 
 
-class HFCaptioner(Captioner):
+class HFAdapter(Adapter):
+    """What every transformers adapter shares: the tokenizer, the image processor (its geometry,
+    measured once per image size, and its normalization) and the question check."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = ProcessorGeometry(image_processor)
+        self.name = name
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        return self.processor.normalization
+
+    def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        """The image processor's tensors for ``image`` and the geometry back to it."""
+        pil = load_image(image)
+        return self.processor.pixels(pil), self.processor.geometry((pil.height, pil.width))
+
+    def encode_question(self, question: str, max_length: int) -> dict[str, torch.Tensor]:
+        """The tokenized question (batch of one), refused when it has no words or only words the
+        tokenizer maps to its unknown token."""
+        if not isinstance(question, str) or not any(c.isalnum() for c in question):
+            raise ValueError(f"question {question!r} is empty: it has no words")
+        text = dict(self.tokenizer(question, return_tensors="pt", truncation=True, max_length=max_length))
+        unknown = self.tokenizer.unk_token_id
+        if unknown is not None:
+            # compare ids with unk_token_id: get_special_tokens_mask counts [UNK] as special, which
+            # would hide exactly the tokens this check is about
+            specials = set(self.tokenizer.all_special_ids) - {unknown}
+            content = [i for i in text["input_ids"][0].tolist() if i not in specials]
+            if all(i == unknown for i in content):
+                raise ValueError(f"question {question!r} has only words the model's tokenizer does not know")
+        return text
+
+    def question_inputs(self, image: ImageLike, question: str,
+                        max_length: int) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        """The tokenizer's and the image processor's tensors for a question about ``image``."""
+        text = self.encode_question(question, max_length)
+        pixels, geometry = self.preprocess(image)
+        return {**text, **pixels}, geometry
+
+
+class HFCaptioner(HFAdapter, Captioner):
     """A captioner over a transformers model with a causal text decoder.
 
     Subclasses say how token ids are fed (``input_key``, ``prepare_ids``), where text logits
@@ -123,10 +181,7 @@ class HFCaptioner(Captioner):
     max_new_tokens = 30
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.processor = ProcessorGeometry(image_processor)
-        self.name = name
+        super().__init__(model, tokenizer, image_processor, name)
         self.max_tokens = self._max_tokens()
 
     def _max_tokens(self) -> int:
@@ -136,14 +191,6 @@ class HFCaptioner(Captioner):
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
-
-    @property
-    def normalization(self) -> tuple[list[float], list[float]]:
-        return self.processor.normalization
-
-    def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], AxisAligned]:
-        pil = load_image(image)
-        return self.processor.pixels(pil), self.processor.geometry((pil.height, pil.width))
 
     def prepare_ids(self, ids: list[int], offsets: list[tuple[int, int]], special: list[bool]):
         """Family-specific edits of the tokenized caption (e.g. BLIP's decoder BOS)."""
@@ -166,7 +213,7 @@ class HFCaptioner(Captioner):
         return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions,
                              extra_inputs={self.mask_key: torch.ones_like(input_ids)}, text=caption)
 
-    def model_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+    def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         batch = self.collate(tokens)
         inputs = {"pixel_values": pixel_values, self.input_key: batch["input_ids"]}
         if self.mask_key in batch:
@@ -178,64 +225,52 @@ class HFCaptioner(Captioner):
             return self.model.generate(pixel_values=pixel_values, max_new_tokens=self.max_new_tokens,
                                        num_beams=beam_size, do_sample=False)
 
-    def generate_batch(self, images, beam_size: int = 1) -> list[str]:
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
         pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
         ids = self.generate_ids(pixels, beam_size)
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    def generate(self, image: ImageLike, beam_size: int = 1, max_words: int | None = None) -> str:
-        return self.generate_batch([load_image(image)], beam_size)[0]
+        # the decoder counts tokens, not words: cut the decoded text after max_words words
+        return [first_words(text.strip(), max_words)
+                for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 # ----------------------------------------------------------------------------- loading
-CAPTIONING_FAMILIES = {
-    "blip": ("BlipForConditionalGeneration", "blip", "BlipCaptioner"),
-    "git": ("GitForCausalLM", "git", "GitCaptioner"),
-    "vision-encoder-decoder": ("VisionEncoderDecoderModel", "vit_gpt2", "VisionEncoderDecoderCaptioner"),
-}
-VQA_FAMILIES = {
-    "blip": ("BlipForQuestionAnswering", "blip", "BlipVQA"),
-    "vilt": ("ViltForQuestionAnswering", "vilt", "ViltVQA"),
-}
-
-
-def _adapter_class(module_name_: str, class_name: str):
-    import importlib
-
-    return getattr(importlib.import_module(f"{__package__}.{module_name_}"), class_name)
-
-
-def load_hf(model: str | Path | nn.Module, task: str, *, processor: Any = None, tokenizer: Any = None,
-            image_processor: Any = None, trust_remote_code: bool = False):
+@register_loader("transformers", fallback=True)
+def load_hf(request: LoadRequest) -> Adapter:
     """An adapter for a transformers model: a hub id, a local directory (save_pretrained), or a
-    model object with its processor (or tokenizer and image processor)."""
+    model object with its processor (or tokenizer and image processor). The adapter class is the
+    one a family file registered for the config's ``model_type`` or the object's class."""
     import transformers
 
-    families = CAPTIONING_FAMILIES if task == "captioning" else VQA_FAMILIES
+    task, model = request.task, request.source
+    registrations = [r for r in registered_adapters(task) if r.model_class]
     if isinstance(model, nn.Module):
-        by_class = {cls: (adapter_module, adapter) for cls, adapter_module, adapter in families.values()}
+        by_class = {r.model_class: r for r in registrations}
         kind = type(model).__name__
         if kind not in by_class:
             raise ValueError(f"no {task} adapter for {kind}; supported: {', '.join(sorted(by_class))}")
-        adapter_module, adapter = by_class[kind]
+        adapter = by_class[kind].adapter
         name = getattr(model.config, "_name_or_path", "") or kind
         source = None
     else:
         name = str(model)
-        config = from_pretrained(transformers.AutoConfig, name, trust_remote_code)
+        by_type = {r.model_type: r for r in registrations if r.model_type}
+        config = from_pretrained(transformers.AutoConfig, name, request.trust_remote_code)
         model_type = getattr(config, "model_type", "?")
-        if model_type not in families:
-            raise ValueError(f"{name!r} is a {model_type!r} model; {task} supports: {', '.join(sorted(families))}")
-        class_name, adapter_module, adapter = families[model_type]
-        model = from_pretrained(getattr(transformers, class_name), name, trust_remote_code)
+        if model_type not in by_type:
+            raise ValueError(f"{name!r} is a {model_type!r} model; {task} supports: {', '.join(sorted(by_type))}")
+        registration = by_type[model_type]
+        adapter = registration.adapter
+        model = from_pretrained(getattr(transformers, registration.model_class), name, request.trust_remote_code)
         source = name
-    if processor is not None:
-        tokenizer = tokenizer or getattr(processor, "tokenizer", None)
-        image_processor = image_processor or getattr(processor, "image_processor", None)
+    tokenizer, image_processor = request.tokenizer, request.image_processor
+    if request.processor is not None:
+        tokenizer = tokenizer or getattr(request.processor, "tokenizer", None)
+        image_processor = image_processor or getattr(request.processor, "image_processor", None)
     if tokenizer is None or image_processor is None:
         if source is None:
             raise ValueError("a model object needs its processor (or tokenizer= and image_processor=)")
-        tokenizer = tokenizer or from_pretrained(transformers.AutoTokenizer, source, trust_remote_code)
+        tokenizer = tokenizer or from_pretrained(transformers.AutoTokenizer, source, request.trust_remote_code)
         image_processor = image_processor or from_pretrained(transformers.AutoImageProcessor, source,
-                                                             trust_remote_code)
-    return _adapter_class(adapter_module, adapter)(model, tokenizer, image_processor, name=name)
+                                                             request.trust_remote_code)
+    return adapter(model, tokenizer, image_processor, name=name)

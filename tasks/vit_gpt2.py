@@ -9,9 +9,11 @@ from typing import Any
 
 from torch import nn
 
-from .hf import HFCaptioner, encoder_blocks, module_name
+from .common import register_adapter
+from .hf import HFCaptioner, last_block_name
 
 
+@register_adapter("captioning", model_type="vision-encoder-decoder", model_class="VisionEncoderDecoderModel")
 class VisionEncoderDecoderCaptioner(HFCaptioner):
     family = "vit_gpt2"
     layer_reason = "the encoder's last block: the decoder cross-attends to all its tokens"
@@ -20,7 +22,7 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "vit-gpt2"):
         super().__init__(model, tokenizer, image_processor, name)
-        self.default_layer = module_name(model, encoder_blocks(model.encoder)[-1][1])
+        self.default_layer = last_block_name(model, model.encoder)
         start = model.config.decoder_start_token_id
         self.start_id = int(start if start is not None else tokenizer.bos_token_id)
         # Swin encoders end on a (B, h*w, C) token map with no CLS: the engine's layout infers it

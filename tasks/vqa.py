@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
-from mmgradcam.methods.base import MethodSpec, method_names
+from mmgradcam.engine import preserved_state
+from mmgradcam.engine.registry import MethodSpec, method_names
+from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter
 from .geometry import ImageLike, load_image
@@ -38,7 +40,11 @@ class Difference:
 
 @dataclass
 class VQAExplanation:
-    """Maps for the explained answers (the first one is ``answer``), at the ORIGINAL image size."""
+    """Maps for the explained answers (the first one is ``answer``), at the ORIGINAL image size.
+
+    A pixel-space method (Guided Grad-CAM) keeps in ``maps`` / ``layer_maps`` the CAM maps it
+    refines and its own per-pixel maps in ``guided_maps`` (K, H, W) and ``method_maps`` (what
+    ``for_method`` and eval read)."""
 
     question: str
     answers: list[str]
@@ -55,10 +61,13 @@ class VQAExplanation:
     contrast: str | None = None
     contrast_map: torch.Tensor | None = None  # (H, W): answers[0] against ``contrast``
     top_answers: list[tuple[str, float]] | None = None
-    alphas: torch.Tensor | None = None  # (K, C): Grad-CAM channel weights (mean gradient)
+    # (K, C): the first method's own channel weights (Explanation.channel_weights; Grad-CAM: the
+    # mean gradient), None for a method that weighs locations (HiResCAM, LayerCAM)
+    alphas: torch.Tensor | None = None
     # every method computed in the same pass (``method`` first): name -> (maps, layer_maps, contrast_map)
     method_maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     notice: str | None = None  # set when the image lies outside what the model knows (default models)
+    guided_maps: torch.Tensor | None = None  # (K, H, W): Guided Grad-CAM's per-pixel maps when asked for
 
     @property
     def methods(self) -> list[str]:
@@ -99,6 +108,8 @@ class VQAExplanation:
                "answers": np.array(self.answers), "scores": np.array(self.scores)}
         if self.contrast_map is not None:
             out["contrast_map"] = self.contrast_map.numpy()
+        if self.guided_maps is not None:
+            out["guided_maps"] = self.guided_maps.numpy()
         for name, (maps, _, _) in self.method_maps.items():
             out[f"maps@{name}"] = maps.numpy()
         return out
@@ -108,12 +119,10 @@ class VQAModel(Adapter):
     """What every VQA adapter provides; ``answer`` and ``explain`` are shared by all families.
 
     Subclasses set ``model``, ``default_layer`` (+ ``layer_reason``) and implement
-    ``model_inputs(image, question) -> (inputs, geometry)``, ``answer_target(answer, score)``
-    and ``answer_scores(image, question) -> (answers, probabilities)`` ranked.
+    ``prepare(image, question) -> (inputs, geometry)``, ``normalization``,
+    ``answer_target(answer, score)`` (or ``targets_for``), ``ranked_answers`` and
+    ``answer_probabilities``; ``ClassifierVQA`` implements the last three for answer classifiers.
     """
-
-    def model_inputs(self, image: ImageLike, question: str) -> tuple[dict[str, torch.Tensor], Any]:
-        raise NotImplementedError
 
     def answer_target(self, answer: str, score: str = "logit") -> Any:
         raise NotImplementedError
@@ -131,7 +140,7 @@ class VQAModel(Adapter):
         """The ``top_k`` answers with their probabilities, best first."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        inputs, _ = self.model_inputs(load_image(image), question)
+        inputs, _ = self.prepare(load_image(image), question)
         return self.ranked_answers(inputs, top_k)
 
     def explain(self, image: ImageLike, question: str, answer: str | Sequence[str] | None = None,
@@ -149,18 +158,21 @@ class VQAModel(Adapter):
         know images like this one (None otherwise).
         """
         pil = load_image(image)
-        inputs, geometry = self.model_inputs(pil, question)
-        result = self.explain_inputs(inputs, geometry, question, answer, method=method, counterfactual=counterfactual,
-                                     contrast=contrast, top_k=top_k, score=score, layer=layer, batched=batched)
+        inputs, geometry = self.prepare(pil, question)
+        result = self.explain_prepared(inputs, geometry, question, answer, method=method,
+                                       counterfactual=counterfactual, contrast=contrast, top_k=top_k, score=score,
+                                       layer=layer, batched=batched)
         result.notice = self.domain_notice(pil)
         return result
 
-    def explain_inputs(self, inputs: dict[str, torch.Tensor], geometry: Any, question: str,
-                       answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
-                       counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
-                       score: str = "logit", layer: nn.Module | str | None = None,
-                       batched: bool | str = "auto") -> VQAExplanation:
-        """``explain`` on already prepared model inputs (e.g. an adversarial image)."""
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str,
+                         answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
+                         counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
+                         score: str = "logit", layer: nn.Module | str | None = None,
+                         batched: bool | str = "auto") -> VQAExplanation:
+        """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
+        (e.g. an adversarial image); ``text`` is the question they were prepared with."""
+        question = text
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         top = self.ranked_answers(inputs, max(top_k, 5))
@@ -179,29 +191,97 @@ class VQAModel(Adapter):
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                               **self.layer_options)
         count = len(answers)
+
+        def split(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            image_maps = geometry.invert(maps[:, 0])  # the answers' maps, then the contrast's
+            return image_maps[:count], image_maps[count] if contrast is not None else None
+
         method_maps = {}
-        for name, exp in exps.items():
-            maps = geometry.invert(exp.maps[:, 0])
-            method_maps[name] = (maps[:count], exp.layer_maps[:count, 0], maps[count] if contrast is not None else None)
+        for name, exp in exps.items():  # a pixel-space method's own maps are its pixel maps
+            maps, contrast_map = split(exp.maps if exp.pixel_maps is None else exp.pixel_maps)
+            method_maps[name] = (maps, exp.layer_maps[:count, 0], contrast_map)
         first = exps[names[0]]
-        maps, layer_maps, contrast_map = method_maps[names[0]]
+        pixel = next((name for name in names if exps[name].pixel_maps is not None), None)
+        # ``maps`` are the first method's CAM maps (for a pixel-space method, those it refines)
+        maps, contrast_map = split(first.maps) if first.pixel_maps is not None else \
+            (method_maps[names[0]][0], method_maps[names[0]][2])
         probabilities = self.answer_probabilities(inputs, answers)
+        weights = first.channel_weights
         return VQAExplanation(
             question=question, answers=answers, scores=first.scores[:count, 0].tolist(), probabilities=probabilities,
-            maps=maps, layer_maps=layer_maps, seen=geometry.seen(), method=first.method,
+            maps=maps, layer_maps=method_maps[names[0]][1], seen=geometry.seen(), method=first.method,
             layer=first.layer_name, model=self.name, score_kind=score, counterfactual=counterfactual,
             contrast=contrast, contrast_map=contrast_map, top_answers=top,
-            alphas=first.gradients[:count, 0].mean(dim=(-2, -1)), method_maps=method_maps,
+            alphas=None if weights is None else weights[:count, 0], method_maps=method_maps,
+            guided_maps=None if pixel is None else method_maps[pixel][0],
         )
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
         raise NotImplementedError
 
 
+class ClassifierVQA(VQAModel):
+    """A VQA model that scores a fixed answer vocabulary (``answers``): the default VQA model, ViLT.
+
+    The target of an answer is its logit (``ClassScore``) or, with score="logprob",
+    ``logprob_target``; probabilities come from ``probabilities_of`` (softmax unless the model
+    scores answers independently). Ranking and the explained answers' probabilities share one
+    forward per prepared inputs."""
+
+    answers: list[str]
+
+    def set_answers(self, answers: Sequence[str]) -> None:
+        self.answers = list(answers)
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+        self._last_probabilities: tuple[dict[str, Any], torch.Tensor] | None = None
+
+    def answer_key(self, answer: str) -> str:
+        """How an answer is looked up in the vocabulary (the default model lower-cases it)."""
+        return answer
+
+    def answer_id(self, answer: str) -> int:
+        key = self.answer_key(answer) if isinstance(answer, str) else answer
+        if key not in self.answer_index:
+            shown = ", ".join(self.answers) if len(self.answers) <= 30 else \
+                f"{len(self.answers)} answers, e.g. {', '.join(self.answers[:10])}"
+            raise ValueError(f"answer {answer!r} is not in the model's answer vocabulary: {shown}")
+        return self.answer_index[key]
+
+    def logprob_target(self, index: int) -> Any:
+        return ClassLogProb(index)
+
+    def probabilities_of(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    def answer_target(self, answer: str, score: str = "logit") -> Any:
+        index = self.answer_id(answer)
+        return ClassScore(index) if score == "logit" else self.logprob_target(index)
+
+    def _probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer probabilities, computed once per prepared inputs (the same tensor objects)."""
+        cached = self._last_probabilities
+        if cached is not None and cached[0].keys() == inputs.keys() and \
+                all(cached[0][k] is v for k, v in inputs.items()):
+            return cached[1]
+        with torch.no_grad(), preserved_state(self.model), self.forward_context():
+            probabilities = self.probabilities_of(logits_of(self.model(**inputs)).float())[0]
+        self._last_probabilities = (dict(inputs), probabilities)
+        return probabilities
+
+    def ranked_answers(self, inputs: dict[str, torch.Tensor], top_k: int) -> list[tuple[str, float]]:
+        probabilities = self._probabilities(inputs)
+        values, indices = probabilities.topk(min(top_k, len(self.answers)))
+        return [(self.answers[int(i)], float(v)) for v, i in zip(values, indices)]
+
+    def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
+        probabilities = self._probabilities(inputs)
+        return [float(probabilities[self.answer_id(a)]) for a in answers]
+
+
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
          image_processor: Any = None, trust_remote_code: bool = False) -> VQAModel:
     """A VQA model: "default" (shipped), a directory holding a default-family model, a Hugging Face
-    model id or save_pretrained directory (BLIP VQA, ViLT), or a transformers model object with its
-    processor. ``trust_remote_code`` stays off unless you turn it on."""
+    model id or save_pretrained directory, or a transformers model object with its processor (any
+    family registered for VQA; README lists them). ``trust_remote_code`` stays off unless you turn it on."""
     return load_adapter("vqa", name, processor, tokenizer=tokenizer, image_processor=image_processor,
                         trust_remote_code=trust_remote_code)

@@ -73,7 +73,7 @@ def test_batched_word_maps_equal_one_word_at_a_time(captioner, image):
     result = captioner.explain(image, caption)
     inputs, geometry = captioner.preprocess(image)
     tokens = captioner.tokenize(caption)
-    model_inputs = captioner.model_inputs(inputs["pixel_values"], [tokens])
+    model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
     per_word, whole = word_targets(tokens)
     for j, target in enumerate(per_word):
         single = mg.explain(captioner.model, model_inputs, [target], captioner.default_layer)

@@ -38,7 +38,7 @@ def test_word_maps_shape_and_alignment(captioner):
     # each word's log-prob is the teacher-forced sum over its tokens, from the model itself
     tokens = captioner.tokenize(CAPTION)
     inputs, _ = captioner.preprocess(IMAGE)
-    model_inputs = captioner.model_inputs(inputs["pixel_values"], [tokens])
+    model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
     with torch.no_grad():
         logits = mg.targets.logits_of(captioner.model(**model_inputs))
     length = tokens.input_ids.shape[1]
@@ -56,7 +56,7 @@ def test_batched_equals_looped_and_gradients_flow(captioner):
     result = captioner.explain(IMAGE, CAPTION)
     tokens = captioner.tokenize(CAPTION)
     inputs, geometry = captioner.preprocess(IMAGE)
-    model_inputs = captioner.model_inputs(inputs["pixel_values"], [tokens])
+    model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
     per_word, _ = word_targets(tokens, captioner.text_logits_from_end)
     for j in (0, 1, 3):
         single = mg.explain(captioner.model, model_inputs, [per_word[j]], captioner.default_layer,
@@ -144,7 +144,7 @@ def test_vilt_unshuffling_is_exact(seed):
     (r, c) must light exactly grid cell (r, c)."""
     model, tokenizer, image_processor = tiny_vilt(max_image_length=20)  # 24 patches: sampled, shuffled
     adapter = vqa.load(model, tokenizer=tokenizer, image_processor=image_processor)
-    inputs, _ = adapter.model_inputs(IMAGE, "what color is the circle ?")
+    inputs, _ = adapter.prepare(IMAGE, "what color is the circle ?")
     inputs = {**inputs, "output_hidden_states": True}
     block = int(adapter.default_layer.rsplit(".", 1)[1])
     text = inputs["input_ids"].shape[1]
@@ -179,7 +179,7 @@ def test_blip_vqa_generative_scores():
         torch.testing.assert_close(alone.map, together.maps[k], rtol=1e-4, atol=1e-6)
         assert alone.probabilities[0] == pytest.approx(float(np.exp(alone.score)), rel=1e-4)
     # a two-token answer sums both tokens' log-probabilities
-    inputs, _ = blip.model_inputs(IMAGE, question)
+    inputs, _ = blip.prepare(IMAGE, question)
     full, _ = blip.targets_for(inputs, ["two circles"], "logit")
     with torch.no_grad():
         logits = blip.model(**full)[0]

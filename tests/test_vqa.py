@@ -38,7 +38,7 @@ def test_map_gradient_is_the_answer_scores_finite_difference(tiny_vqa, image):
     """The engine's gradient at the layer equals a central finite difference of the answer logit."""
     model = tiny_vqa.model.double()
     try:
-        inputs, _ = tiny_vqa.model_inputs(image, "how many circles are there ?")
+        inputs, _ = tiny_vqa.prepare(image, "how many circles are there ?")
         inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
         target = tiny_vqa.answer_target("two")
         exp = mg.explain(model, inputs, [target], tiny_vqa.default_layer)
@@ -75,7 +75,7 @@ def test_several_answers_batched_equal_one_at_a_time(tiny_vqa, image):
 
 def test_counterfactual_is_relu_of_negated_weights(tiny_vqa, image):
     question = "what color is the circle ?"
-    inputs, _ = tiny_vqa.model_inputs(image, question)
+    inputs, _ = tiny_vqa.prepare(image, question)
     exp = mg.explain(tiny_vqa.model, inputs, [tiny_vqa.answer_target("red")], tiny_vqa.default_layer)
     alpha = exp.gradients[0, 0].mean(dim=(1, 2))  # Grad-CAM weights
     expected = (-(alpha[:, None, None] * exp.activations[0]).sum(0)).clamp(min=0)
@@ -86,7 +86,7 @@ def test_counterfactual_is_relu_of_negated_weights(tiny_vqa, image):
 
 def test_contrast_map_is_gradcam_of_the_score_difference(tiny_vqa, image):
     question = "what color is the circle ?"
-    inputs, geometry = tiny_vqa.model_inputs(image, question)
+    inputs, geometry = tiny_vqa.prepare(image, question)
     result = tiny_vqa.explain(image, question, answer="red", contrast="blue")
     exp = mg.explain(tiny_vqa.model, inputs, [tiny_vqa.answer_target("red"), tiny_vqa.answer_target("blue")],
                      tiny_vqa.default_layer)

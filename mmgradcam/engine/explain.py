@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..methods.base import MethodSpec, get_method, is_several, method_names
 from .capture import ActivationCapture, OutputIndex
 from .explanation import Explanation
 from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
 from .layouts import FunctionLayout, Layout
+from .registry import CAMMethod, MethodSpec, get_method, is_several, method_names
 from .state import preserved_state
 
 LayerSpec = nn.Module | str
@@ -59,10 +60,11 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     targets: T callables, each model output -> Tensor (B,).
     layer: an nn.Module inside ``model`` or its dotted name; a list of them gives a list of
         Explanations from the same forward and backward pass.
-    method: "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"; several at once as
-        "gradcam,layercam", a list of names or "all" give a dict {name: Explanation}, every map
+    method: a name of ``available_methods(pixel=True)``; several at once as "gradcam,layercam", a
+        list of names or "all" (every CAM method) give a dict {name: Explanation}, every CAM map
         from the same forward and backward pass (the methods differ only in how they weigh the
-        same activations and gradients, which the Explanations share).
+        same activations and gradients, which the Explanations share). A pixel-space method
+        (Guided Grad-CAM) adds its own pass over the input and its map as ``pixel_maps``.
     counterfactual: negate the gradients (the Grad-CAM paper's counterfactual explanation: what
         speaks against the target).
     layout / prefix_tokens / grid: how to read the layer output ("auto": 4-D is (B, C, h, w),
@@ -73,7 +75,12 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     batched: "auto" (batched backward, loop fallback), True or False.
     input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
     """
-    cam_methods = [get_method(name) for name in method_names(method)]
+    names = method_names(method)
+    requested = [get_method(name) for name in names]
+    # a pixel-space method refines its base CAM method's maps: that one is computed in the pass too
+    cam_methods = [get_method(name) for name in dict.fromkeys(
+        m.name if isinstance(m, CAMMethod) else m.base for m in requested)]
+    pixel_methods = [m for m in requested if not isinstance(m, CAMMethod)]
     targets = check_targets(targets)
     layer_list = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layer_list:
@@ -86,6 +93,9 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     activations, gradients, scores = forward_and_gradients(
         model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode
     )
+    # each pixel-space method's pass over the input, once for all layers
+    passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched,
+                                   eval_mode=eval_mode) for m in pixel_methods}
     results = []
     for (name, _), activation, gradient in zip(layers, activations, gradients):
         resolved = base_layout.resolve(activation)
@@ -97,13 +107,20 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             grads = -grads
         by_method = {}
         for cam_method in cam_methods:
-            signed = cam_method.signed_map(acts, grads)
+            weights = cam_method.weights(acts, grads)
+            signed = cam_method.combine(weights, acts)
             by_method[cam_method.name] = Explanation(
                 layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=acts,
                 gradients=grads, scores=scores, input_size=size, method=cam_method.name,
-                layer_name=name, counterfactual=counterfactual,
+                layer_name=name, counterfactual=counterfactual, channel_weights=cam_method.channel_weights(weights),
             )
-        results.append(by_method if is_several(method) else by_method[cam_methods[0].name])
+        for pixel_method in pixel_methods:
+            pixels = passes[pixel_method.name]
+            base = by_method[pixel_method.base]
+            fused = pixel_method.fuse(pixels, base.upsample(pixels.shape[-2:]).to(pixels.device))
+            by_method[pixel_method.name] = replace(base, method=pixel_method.name,
+                                                   pixel_maps=pixel_method.pixel_map(fused))
+        results.append({n: by_method[n] for n in names} if is_several(method) else by_method[names[0]])
     return results if isinstance(layer, (list, tuple)) else results[0]
 
 

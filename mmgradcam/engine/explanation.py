@@ -35,6 +35,10 @@ class Explanation:
     gradients         (T, B, C, h, w) d target / d activation (negated for counterfactual maps);
                       None for CAM, which uses classifier weights
     scores            (T, B)        each target's value, detached
+    channel_weights   (T, B, C)     the method's own per-channel weights (Grad-CAM: the mean
+                      gradient); None for methods that weigh each location (HiResCAM, LayerCAM)
+    pixel_maps        (T, B, H, W)  a pixel-space method's map at the input's resolution (Guided
+                      Grad-CAM); ``layer_maps`` / ``maps`` then hold the CAM map it refines
     """
 
     layer_maps: torch.Tensor
@@ -46,6 +50,8 @@ class Explanation:
     method: str
     layer_name: str
     counterfactual: bool = False
+    channel_weights: torch.Tensor | None = None
+    pixel_maps: torch.Tensor | None = None
 
     @property
     def maps(self) -> torch.Tensor:

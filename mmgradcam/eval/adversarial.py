@@ -100,10 +100,9 @@ def attack_caption_word(captioner, image, caption: str, word: str, target: str, 
         raise ValueError(f"word {word!r} is not in the caption {caption!r} (words: {', '.join(tokens.words)})")
     index = lowered.index(word.lower())
     swapped = captioner.tokenize(re.sub(rf"\b{re.escape(word)}\b", target, caption, count=1, flags=re.IGNORECASE))
-    prepared, geometry = captioner.preprocess(image)
-    inputs = captioner.model_inputs(prepared["pixel_values"], [tokens])
+    inputs, geometry = captioner.prepare(image, caption)
     original_word = word_targets(tokens, captioner.text_logits_from_end)[0][index]
-    swapped_inputs = captioner.model_inputs(prepared["pixel_values"], [swapped])
+    swapped_inputs = captioner.batch_inputs(inputs["pixel_values"], [swapped])
     target_word = word_targets(swapped, captioner.text_logits_from_end)[0][index]
     if swapped_inputs["input_ids"].shape != inputs["input_ids"].shape:
         raise ValueError(f"{target!r} and {word!r} must have the same number of tokens for this attack")
@@ -112,8 +111,9 @@ def attack_caption_word(captioner, image, caption: str, word: str, target: str, 
     success = lambda out: bool((target_word(out) > original_word(out)).all())  # noqa: E731
     result = pgd(captioner.model, inputs, objective, success, captioner.normalization, eps=eps, steps=steps,
                  context=captioner.forward_context)
-    before = captioner.explain_pixels(prepared["pixel_values"], [tokens], [geometry], method=method)[0]
-    after = captioner.explain_pixels(result.adversarial, [tokens], [geometry], method=method)[0]
+    before = captioner.explain_prepared(inputs, geometry, caption, method=method)
+    after = captioner.explain_prepared({**inputs, "pixel_values": result.adversarial}, geometry, caption,
+                                       method=method)
     generated = captioner.generate_from_pixels(result.adversarial)[0] if hasattr(captioner, "generate_from_pixels") \
         else None
     return {
@@ -124,22 +124,22 @@ def attack_caption_word(captioner, image, caption: str, word: str, target: str, 
         "maps": compare_maps(before.maps[index].numpy(), after.maps[index].numpy(), mask),
         "method": before.method, "methods": _per_method(before, after, mask, index),
         "_arrays": {"original_map": before.maps[index].numpy(), "adversarial_map": after.maps[index].numpy(),
-                    "adversarial_input": result.adversarial[0].numpy(), "original_input": prepared["pixel_values"][0].numpy()},
+                    "adversarial_input": result.adversarial[0].numpy(), "original_input": inputs["pixel_values"][0].numpy()},
     }
 
 
 def attack_vqa_answer(model, image, question: str, answer: str, target: str, eps: float = 8 / 255, steps: int = 40,
                       mask: np.ndarray | None = None, method=None) -> dict:
     """Make the VQA model prefer ``target`` over ``answer``."""
-    inputs, geometry = model.model_inputs(image, question)
+    inputs, geometry = model.prepare(image, question)
     full, (original, wanted) = model.targets_for(inputs, [answer, target], "logit")
     objective = lambda out: (wanted(out) - original(out)).sum()  # noqa: E731
     success = lambda out: bool((wanted(out) > original(out)).all())  # noqa: E731
     result = pgd(model.model, full, objective, success, model.normalization, eps=eps, steps=steps,
                  context=model.forward_context)
-    before = model.explain_inputs(inputs, geometry, question, answer, method=method)
-    after = model.explain_inputs({**inputs, "pixel_values": result.adversarial}, geometry, question, answer,
-                                 method=method)
+    before = model.explain_prepared(inputs, geometry, question, answer, method=method)
+    after = model.explain_prepared({**inputs, "pixel_values": result.adversarial}, geometry, question, answer,
+                                   method=method)
     return {
         "answer": answer, "target": target, "eps": eps, "linf_pixels": result.linf_pixels, "steps": result.steps,
         "flipped": result.flipped, "objective_before": result.original_score, "objective_after": result.final_score,

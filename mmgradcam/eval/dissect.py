@@ -30,10 +30,7 @@ QUANTILE = 0.99
 
 def _adapter_inputs(adapter, image) -> tuple[dict[str, torch.Tensor], object]:
     """Model inputs (and geometry) for an image with a placeholder text: only the image matters."""
-    if hasattr(adapter, "tokenize"):  # a captioner
-        prepared, geometry = adapter.preprocess(image)
-        return adapter.model_inputs(prepared["pixel_values"], [adapter.tokenize("a")]), geometry
-    return adapter.model_inputs(image, "what")
+    return adapter.prepare(image, "a" if hasattr(adapter, "tokenize") else "what")  # a captioner tokenizes
 
 
 def layer_activations(adapter, images: Sequence, layer: str | None = None) -> tuple[list[np.ndarray], list]:
@@ -147,10 +144,14 @@ def default_concept_data(images: int = 200) -> tuple[CocoData, list[int]]:
     return data, sorted(data.images)
 
 
-def explain_text(adapter, subjects: Sequence[str], alphas: torch.Tensor, layer: str | None = None,
+def explain_text(adapter, subjects: Sequence[str], alphas: torch.Tensor | None, layer: str | None = None,
                  instances: str | None = None, images_dir: str | None = None, limit: int = 200,
                  top_k: int = 3) -> list[dict]:
-    """Textual explanations for each subject (word or answer) from its Grad-CAM weights."""
+    """Textual explanations for each subject (word or answer) from its method's channel weights
+    (a result's ``alphas``: Grad-CAM's mean gradient, or the method's own)."""
+    if alphas is None:  # HiResCAM / LayerCAM weigh locations, not channels: nothing to name
+        raise ValueError("textual explanations need a method with per-channel weights (as Grad-CAM's mean "
+                         "gradient); this method weighs each location, so no channel weight names a concept")
     if instances:
         data = CocoData.load(instances, images_dir)
         ids = sorted(data.images)[:limit]

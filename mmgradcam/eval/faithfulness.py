@@ -30,7 +30,7 @@ SANITY_THRESHOLD = 0.5
 
 
 def _method_list(captioner, method) -> list[str]:
-    from mmgradcam.methods.base import method_names
+    from mmgradcam.engine.registry import method_names
 
     return method_names(captioner.default_method if method is None else method)
 
@@ -60,6 +60,8 @@ def randomization_study(captioner, images: Sequence, method=None, layer=None, se
     survive full randomization (mean |rho| >= SANITY_THRESHOLD)."""
     import torch
 
+    from mmgradcam.engine.registry import is_pixel_method
+
     names = _method_list(captioner, method)
     trained = captioner.explain_batch(list(images), method=names, layer=layer)
     captions = [r.caption for r in trained]
@@ -77,8 +79,10 @@ def randomization_study(captioner, images: Sequence, method=None, layer=None, se
         randomized = clone.explain_batch(list(images), captions, method=names, layer=layer)
         for name in names:
             rhos = []
+            # the layer's maps, or a pixel-space method's own maps (its layer maps are Grad-CAM's)
+            level = 0 if is_pixel_method(name) else 1
             for before, after in zip(trained, randomized):
-                before_maps, after_maps = before.method_maps[name][1], after.method_maps[name][1]
+                before_maps, after_maps = before.method_maps[name][level], after.method_maps[name][level]
                 for j in range(len(before.words)):
                     a, b = before_maps[j].flatten().numpy(), after_maps[j].flatten().numpy()
                     if a.std() > 0 and b.std() > 0:

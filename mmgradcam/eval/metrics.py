@@ -1,8 +1,26 @@
-"""Scores of one map against one ground-truth mask (definitions in DESIGN.md), baselines, CIs."""
+"""Scores of one map against one ground-truth mask, the metric table, baselines, CIs.
+
+Definitions (word-level COCO scoring; see docs/ARCHITECTURE.md):
+
+- pointing game (``pointing_0px`` / ``pointing_15px``): a hit when the map's maximum lies inside
+  the mask, or within 15 px of it (TorchRay's pointing game);
+- energy pointing (``energy``): the share of the map's non-negative mass inside the mask;
+- IoU@15% (``iou_15``): the map thresholded at 15% of its maximum, IoU with the mask;
+- box localization (``box_iou`` / ``box_correct``): the box around the largest connected segment of
+  the 15% threshold against the box around the mask; IoU >= 0.5 counts as correct.
+
+The mask of a (word, image) is the union of that category's instance masks. Every score is
+computed for the method's map and for two baselines (a center Gaussian, uniform random noise).
+
+``METRIC_TABLE`` is the one list of metrics: scoring (``score_map``), the summary's aggregates and
+tables and the report's columns all read it, so a new metric is one ``register(Metric(...))``.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -71,24 +89,140 @@ def box_iou(heatmap: np.ndarray, mask: np.ndarray, fraction: float = THRESHOLD) 
     return _box_iou(_box(largest), mask_box)
 
 
+class MapAndMask:
+    """One map against one mask, with what several metrics share (the mask's distance transform,
+    the box IoU) computed at most once and only when a metric asks for it."""
+
+    def __init__(self, heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANCE_PX,
+                 distance_to_mask: np.ndarray | None = None):
+        self.heatmap = np.asarray(heatmap, dtype=np.float64)
+        self.mask = np.asarray(mask, dtype=bool)
+        if self.heatmap.shape != self.mask.shape:
+            raise ValueError(f"map shape {self.heatmap.shape} differs from mask shape {self.mask.shape}")
+        self.tolerance = tolerance
+        if distance_to_mask is not None:
+            self.__dict__["distance"] = distance_to_mask  # seeds the cached property
+
+    @cached_property
+    def distance(self) -> np.ndarray:
+        return ndimage.distance_transform_edt(~self.mask)
+
+    @cached_property
+    def box_overlap(self) -> float:
+        return box_iou(self.heatmap, self.mask)
+
+
+# ----------------------------------------------------------------------------- the metric table
+# Where a metric is shown besides results.jsonl and the summary's aggregates (which hold every metric):
+METHOD_TABLE = "method_table"  # a column of the method x word class table (summary.json/md, report)
+CLASSES = "classes"            # a row of summary.md's per word class tables
+WORDS = "words"                # a column of the report's per-word table
+COMPACT = "compact"            # the narrow tables and plots (per category, VQA, methods.png)
+DEFAULT_VIEWS = frozenset({METHOD_TABLE, CLASSES, WORDS})
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One entry of the metric table: its results/summary key, how to compute it, where it shows."""
+
+    key: str                                # the key in results.jsonl and summary.json
+    label: str                              # column header in summary.md and the report
+    score: Callable[[MapAndMask], float]    # one map against one mask
+    binary: bool = False                    # a 0/1 hit per word (plotted as a hit rate)
+    short: str = ""                         # label after "center"/"random" in narrow tables
+    description: str = ""                   # an axis label saying what the number is
+    views: frozenset = field(default=DEFAULT_VIEWS)
+
+    def short_label(self) -> str:
+        return self.short or self.label
+
+
+def _pointing_0px(s: MapAndMask) -> float:
+    return float(pointing_hit(s.heatmap, s.mask, 0))
+
+
+def _pointing_tolerance(s: MapAndMask) -> float:
+    return float(pointing_hit(s.heatmap, s.mask, s.tolerance, s.distance if s.tolerance > 0 else None))
+
+
+def _energy(s: MapAndMask) -> float:
+    return energy_inside(s.heatmap, s.mask)
+
+
+def _iou_15(s: MapAndMask) -> float:
+    return iou(threshold_region(s.heatmap), s.mask)
+
+
+def _box_overlap(s: MapAndMask) -> float:
+    return s.box_overlap
+
+
+def _box_correct(s: MapAndMask) -> float:
+    return float(s.box_overlap >= 0.5)
+
+
+# Order matters: it is the key order of every scores dict in results.jsonl and summary.json (a
+# resumed run appends lines to shards an earlier process wrote, so it must never change).
+METRIC_TABLE: list[Metric] = [
+    Metric("pointing_0px", "pointing 0px", _pointing_0px, binary=True, views=frozenset({METHOD_TABLE, CLASSES})),
+    Metric("pointing_15px", "pointing 15px", _pointing_tolerance, binary=True, short="pointing",
+           views=frozenset({METHOD_TABLE, CLASSES, WORDS, COMPACT})),
+    Metric("energy", "energy", _energy, description="share of map mass inside the mask",
+           views=frozenset({METHOD_TABLE, CLASSES, WORDS, COMPACT})),
+    Metric("iou_15", "IoU@15%", _iou_15),
+    Metric("box_iou", "box IoU", _box_overlap, views=frozenset()),
+    Metric("box_correct", "box correct", _box_correct, binary=True, views=frozenset({CLASSES})),
+]
+LEAD = "pointing_15px"  # the pointing game leads the per-class tables and is the per-category plot
+RANK_BY = "energy"      # continuous: ranks words (gallery, report views), compared with the baselines per word
+
+
+def register(metric: Metric) -> Metric:
+    """Add a metric to the table (after the built-in ones); its key must be new."""
+    if metric.key in metric_keys():
+        raise ValueError(f"metric {metric.key!r} is already in the table")
+    METRIC_TABLE.append(metric)
+    return metric
+
+
+def unregister(key: str) -> None:
+    METRIC_TABLE[:] = [m for m in METRIC_TABLE if m.key != key]
+
+
+@contextmanager
+def registered(metric: Metric) -> Iterator[Metric]:
+    """``register`` for the duration of a block (tests, experiments)."""
+    register(metric)
+    try:
+        yield metric
+    finally:
+        unregister(metric.key)
+
+
+def get_metric(key: str) -> Metric:
+    for metric in METRIC_TABLE:
+        if metric.key == key:
+            return metric
+    raise KeyError(f"no metric {key!r}; the table has {metric_keys()}")
+
+
+def metric_keys(view: str | None = None) -> tuple[str, ...]:
+    """Every metric's key in table order, or those shown in ``view`` (read at call time, so a
+    metric registered later is included)."""
+    return tuple(m.key for m in METRIC_TABLE if view is None or view in m.views)
+
+
+def headline_keys() -> tuple[str, ...]:
+    """summary.md's per-class rows: the lead metric first, then the others of the view in order."""
+    keys = metric_keys(CLASSES)
+    return tuple([LEAD] if LEAD in keys else []) + tuple(k for k in keys if k != LEAD)
+
+
 def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = TOLERANCE_PX,
               distance_to_mask: np.ndarray | None = None) -> dict[str, float]:
-    """All word-level metrics of one map against one mask (pass ``distance_to_mask`` to reuse it)."""
-    heatmap = np.asarray(heatmap, dtype=np.float64)
-    mask = np.asarray(mask, dtype=bool)
-    if heatmap.shape != mask.shape:
-        raise ValueError(f"map shape {heatmap.shape} differs from mask shape {mask.shape}")
-    if tolerance > 0 and distance_to_mask is None:
-        distance_to_mask = ndimage.distance_transform_edt(~mask)
-    box = box_iou(heatmap, mask)
-    return {
-        "pointing_0px": float(pointing_hit(heatmap, mask, 0)),
-        "pointing_15px": float(pointing_hit(heatmap, mask, tolerance, distance_to_mask)),
-        "energy": energy_inside(heatmap, mask),
-        "iou_15": iou(threshold_region(heatmap), mask),
-        "box_iou": box,
-        "box_correct": float(box >= 0.5),
-    }
+    """Every metric of the table for one map against one mask (pass ``distance_to_mask`` to reuse it)."""
+    scored = MapAndMask(heatmap, mask, tolerance, distance_to_mask)
+    return {metric.key: metric.score(scored) for metric in METRIC_TABLE}
 
 
 def score_maps(heatmaps: dict[str, np.ndarray], mask: np.ndarray,
@@ -100,7 +234,8 @@ def score_maps(heatmaps: dict[str, np.ndarray], mask: np.ndarray,
     return {name: score_map(heatmap, mask, distance_to_mask=distance) for name, heatmap in heatmaps.items()}
 
 
-METRICS = ("pointing_0px", "pointing_15px", "energy", "iou_15", "box_iou", "box_correct")
+# The built-in metrics' keys (kept for callers of the old constant; use metric_keys() for the live table).
+METRICS = metric_keys()
 
 
 @lru_cache(maxsize=32)

@@ -14,11 +14,10 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from .metrics import METRICS, bootstrap_cis
+from .metrics import COMPACT, LEAD, METHOD_TABLE, bootstrap_cis, get_metric, headline_keys, metric_keys
 
+# Which metrics each table shows comes from the metric table (metrics.py), read at call time.
 BASELINES = ("model", "center", "random")
-HEADLINE = ("pointing_15px", "pointing_0px", "energy", "iou_15", "box_correct")
-TABLE_METRICS = ("pointing_0px", "pointing_15px", "energy", "iou_15")
 TABLE_CLASSES = ("noun", "color", "function", "answer")
 CLASS_NAMES = {"noun": "shape nouns / categories", "color": "colors", "function": "function words (vs all objects)",
                "answer": "VQA answers (vs the question's objects)"}
@@ -33,8 +32,10 @@ def _cis(rows: list[dict], whos, metrics, seed: int = 0) -> dict:
 
 
 def _aggregate(rows: list[dict], seed: int = 0) -> dict:
-    by_who = _cis(rows, BASELINES, METRICS, seed)
-    return {"n": len(rows), **{metric: {who: by_who[who][metric] for who in BASELINES} for metric in METRICS}}
+    """{"n", metric: {who: [mean, low, high]}} for every metric of the table."""
+    metrics = metric_keys()
+    by_who = _cis(rows, BASELINES, metrics, seed)
+    return {"n": len(rows), **{metric: {who: by_who[who][metric] for who in BASELINES} for metric in metrics}}
 
 
 def methods_in(lines: list[dict], kind: str) -> list[str]:
@@ -51,17 +52,18 @@ def method_table(words: list[dict], answers: list[dict], sanity: dict | None = N
     for answer in answers:
         groups["answer"].append(answer)
     classes = [c for c in TABLE_CLASSES if c in groups] + sorted(set(groups) - set(TABLE_CLASSES))
-    table: dict = {"source": "generated", "metrics": list(TABLE_METRICS), "classes": classes, "methods": {},
+    metrics = metric_keys(METHOD_TABLE)
+    table: dict = {"source": "generated", "metrics": list(metrics), "classes": classes, "methods": {},
                    "baselines": {}}
     for word_class in classes:
         rows = groups[word_class]
         methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
         first = [r for r in rows if r.get("method", "?") == methods[0]]
-        table["baselines"][word_class] = {"n": len(first), **_cis(first, ("center", "random"), TABLE_METRICS)}
+        table["baselines"][word_class] = {"n": len(first), **_cis(first, ("center", "random"), metrics)}
         for method in methods:
             mine = [r for r in rows if r.get("method", "?") == method]
             table["methods"].setdefault(method, {})[word_class] = {
-                "n": len(mine), **_cis(mine, ("model",), TABLE_METRICS)["model"]}
+                "n": len(mine), **_cis(mine, ("model",), metrics)["model"]}
     if sanity is not None:
         add_sanity_flags(table, sanity)
     return table
@@ -202,24 +204,29 @@ def markdown_tables(summary: dict) -> str:
         out.append(f"\n## Caption words ({source}{', ' + first if first else ''})\n")
         out.append("| words | n | metric | model | center baseline | random baseline |\n|---|---:|---|---|---|---|")
         for word_class, agg in classes.items():
-            for metric in HEADLINE:
+            for metric in headline_keys():
                 out.append(f"| {word_class} | {agg['n']} | {metric} | " +
                            " | ".join(_cell(agg[metric][who]) for who in BASELINES) + " |")
+    compact = [get_metric(key) for key in metric_keys(COMPACT)]  # model and center columns
     for source, categories in summary["per_category"].items():
         out.append(f"\n## Per category ({source}{', ' + first if first else ''})\n")
-        out.append("| category | n | pointing 15px | energy | center pointing | center energy |\n|---|---:|---|---|---|---|")
+        out.append("| category | n | " + " | ".join(m.label for m in compact) + " | "
+                   + " | ".join(f"center {m.short_label()}" for m in compact) + " |\n|---|---:|"
+                   + "---|" * (2 * len(compact)))
         for key, agg in categories.items():
-            out.append(f"| {key} | {agg['n']} | {_cell(agg['pointing_15px']['model'])} | {_cell(agg['energy']['model'])} | "
-                       f"{_cell(agg['pointing_15px']['center'])} | {_cell(agg['energy']['center'])} |")
+            out.append(f"| {key} | {agg['n']} | " + " | ".join(_cell(agg[m.key]['model']) for m in compact) + " | "
+                       + " | ".join(_cell(agg[m.key]['center']) for m in compact) + " |")
     if "vqa" in summary:
         out.append("\n## VQA answers (map of the model's answer vs the question's objects"
                    f"{', ' + methods['vqa'][0] if methods.get('vqa') else ''})\n")
-        out.append("| question type | n | accuracy | pointing 15px | energy | center pointing | random pointing |\n"
-                   "|---|---:|---:|---|---|---|---|")
+        lead = get_metric(LEAD)  # the baselines' columns: the lead metric only
+        out.append("| question type | n | accuracy | " + " | ".join(m.label for m in compact)
+                   + f" | center {lead.short_label()} | random {lead.short_label()} |\n|---|---:|---:|"
+                   + "---|" * (len(compact) + 2))
         for kind, agg in summary["vqa"].items():
-            out.append(f"| {kind} | {agg['n']} | {100 * agg['accuracy']:.1f} | {_cell(agg['pointing_15px']['model'])} | "
-                       f"{_cell(agg['energy']['model'])} | {_cell(agg['pointing_15px']['center'])} | "
-                       f"{_cell(agg['pointing_15px']['random'])} |")
+            out.append(f"| {kind} | {agg['n']} | {100 * agg['accuracy']:.1f} | "
+                       + " | ".join(_cell(agg[m.key]['model']) for m in compact)
+                       + f" | {_cell(agg[LEAD]['center'])} | {_cell(agg[LEAD]['random'])} |")
     for key in ("sanity", "faithfulness"):
         if key in summary:
             out.append(f"\n## {key} (all numbers)\n\n```\n{json.dumps(summary[key], indent=1)}\n```")

@@ -1,9 +1,9 @@
-"""CAM methods (one small class each) and the other attribution methods.
+"""CAM methods (one small class each), Guided Grad-CAM and the other attribution methods.
 
-Only the CAM weightings are imported here: the composed methods (Guided Grad-CAM) import the
-engine's ``explain``, which itself looks methods up in this registry.
+The registry itself lives in the engine floor (mmgradcam/engine/registry.py); importing this
+package registers every method file.
 """
-from .base import CAMMethod, available_methods, get_method, register
-from . import gradcam, gradcampp, hirescam, layercam, xgradcam  # noqa: F401  (registers them)
+from ..engine.registry import CAMMethod, PixelMethod, available_methods, get_method, register
+from . import gradcam, gradcampp, guided_gradcam, hirescam, layercam, xgradcam  # noqa: F401  (registers them)
 
-__all__ = ["CAMMethod", "available_methods", "get_method", "register"]
+__all__ = ["CAMMethod", "PixelMethod", "available_methods", "get_method", "register"]

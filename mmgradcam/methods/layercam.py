@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CAMMethod, register
+from ..engine.registry import CAMMethod, register
 
 
 @register

@@ -10,11 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mmgradcam.eval.metrics import COMPACT, LEAD, RANK_BY, get_metric, metric_keys  # noqa: E402
+
 WHO = (("model", "tab:red"), ("center", "tab:gray"), ("random", "tab:blue"))
 
 
 def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
-    """For each (source, word class) and for VQA answers: energy histograms and pointing bars."""
+    """For each (source, word class) and for VQA answers: histograms of the ranking metric (energy)
+    and bars of the hit rates (the metric table's binary metrics)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         if line["kind"] == "word":
@@ -25,17 +28,20 @@ def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    rank = get_metric(RANK_BY)
+    present = lines[0]["model"] if lines else {}
+    hits = [key for key in metric_keys() if get_metric(key).binary and key in present]
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
     for row, (name, rows) in enumerate(sorted(groups.items())):
         ax = axes[row, 0]
         bins = np.linspace(0, 1, 21)
         for who, color in WHO:
-            ax.hist([r[who]["energy"] for r in rows], bins=bins, alpha=0.45, color=color, label=who)
-        ax.set_title(f"{name}: energy inside the mask (n={len(rows)})", fontsize=9)
-        ax.set_xlabel("share of map mass inside the mask")
+            ax.hist([r[who][RANK_BY] for r in rows], bins=bins, alpha=0.45, color=color, label=who)
+        ax.set_title(f"{name}: {rank.label} (n={len(rows)})", fontsize=9)
+        ax.set_xlabel(rank.description or rank.label)
         ax.legend(fontsize=8)
         ax = axes[row, 1]
-        metrics = ["pointing_0px", "pointing_15px", "box_correct"]
+        metrics = hits
         width = 0.27
         for i, (who, color) in enumerate(WHO):
             values = [np.mean([r[who][m] for r in rows]) for m in metrics]
@@ -52,10 +58,15 @@ def plot_distributions(lines: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def plot_methods(summary: dict, out: Path, metrics=("pointing_15px", "energy")) -> list[Path]:
-    """Bars per word class: each method beside the center and random baselines, 95% CI whiskers."""
+def plot_methods(summary: dict, out: Path, metrics: tuple[str, ...] | None = None) -> list[Path]:
+    """Bars per word class: each method beside the center and random baselines, 95% CI whiskers
+    (``metrics``: the metric table's COMPACT view that the run's table holds)."""
     table = summary.get("method_table")
     if not table or not table.get("classes"):
+        return []
+    if metrics is None:
+        metrics = tuple(key for key in metric_keys(COMPACT) if key in table.get("metrics", []))
+    if not metrics:
         return []
     classes, methods = table["classes"], list(table["methods"])
     bars = methods + ["center", "random"]
@@ -88,7 +99,7 @@ def plot_methods(summary: dict, out: Path, metrics=("pointing_15px", "energy")) 
     return [path]
 
 
-def plot_categories(summary: dict, out: Path, metric: str = "pointing_15px") -> list[Path]:
+def plot_categories(summary: dict, out: Path, metric: str = LEAD) -> list[Path]:
     """Per-category bars of ``metric`` with 95% CI whiskers, model beside the center baseline."""
     written = []
     for source, categories in summary.get("per_category", {}).items():
@@ -117,7 +128,7 @@ def plot_categories(summary: dict, out: Path, metric: str = "pointing_15px") -> 
 
 def plot_gallery(lines: list[dict], maps: dict[str, np.ndarray], images: dict[int, "object"],
                  masks: dict[tuple[int, str], np.ndarray], out: Path, count: int = 6,
-                 metric: str = "energy") -> Path | None:
+                 metric: str = RANK_BY) -> Path | None:
     """The best and worst scored words by ``metric``: image, map, and the mask outline."""
     from PIL import Image
 

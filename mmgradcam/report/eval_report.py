@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmgradcam.eval.metrics import COMPACT, RANK_BY, WORDS, get_metric, metric_keys
+
 from .html import _page, esc, heatmap_uri, png_data_uri
 
 MAX_IMAGE_VIEWS = 120
@@ -42,6 +44,11 @@ def write_eval_plots(out: Path) -> list[Path]:
     return plot_distributions(first_method_lines(lines), out / "plots") + plot_methods(summary, out / "plots")
 
 
+def _present(keys, scores: dict | None) -> list[str]:
+    """``keys`` that a run's scores hold (a run written before a metric was registered lacks it)."""
+    return [key for key in keys if scores is None or key in scores]
+
+
 def _images_and_masks(run: dict, image_ids: set[int]):
     from mmgradcam.eval.coco import CocoData
     from mmgradcam.tasks.geometry import load_image
@@ -68,7 +75,7 @@ def eval_figures(out: Path) -> list[Path]:
     lines = first_method_lines(lines)
     written = write_eval_plots(out) + plot_categories(summary, out / "plots")
     words = [line for line in lines if line["kind"] == "word" and line["class"] != "function"]
-    ranked = sorted(words, key=lambda line: line["model"]["energy"])
+    ranked = sorted(words, key=lambda line: line["model"][RANK_BY])
     ids = {line["image_id"] for line in ranked[:6] + ranked[-6:]}
     images, masks = _images_and_masks(run, ids)
     gallery = plot_gallery(lines, maps, images, masks, out / "plots")
@@ -79,8 +86,12 @@ def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
     """A sortable table of every scored word (and answer) linking to views of the images."""
     summary, run, lines, maps = read_run(out)
     scored = [line for line in first_method_lines(lines) if line["kind"] in ("word", "answer")]
+    # the table's columns: the metrics of the WORDS view, then the baselines on the ranking metric
+    rank = get_metric(RANK_BY)
+    columns = [("model", get_metric(key)) for key in _present(metric_keys(WORDS), scored[0]["model"] if scored else None)]
+    columns += [("center", rank), ("random", rank)]
     # image views for the best and worst scored items first, up to max_images images
-    ranked = sorted(scored, key=lambda line: line["model"]["energy"])
+    ranked = sorted(scored, key=lambda line: line["model"][RANK_BY])
     chosen: list[int] = []
     for line in [x for pair in zip(ranked, ranked[::-1]) for x in pair]:
         if line["image_id"] not in chosen and len(chosen) < max_images:
@@ -98,7 +109,7 @@ def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
         if not items:
             continue
         labels = [f"{line.get('word', line.get('answer'))} [{line.get('source', 'vqa')}] "
-                  f"energy {line['model']['energy']:.2f}" for line, _ in items]
+                  f"{rank.label} {line['model'][RANK_BY]:.2f}" for line, _ in items]
         views[str(image_id)] = {"maps": {"map": [heatmap_uri(maps[key].astype(np.float32)) for _, key in items]},
                                 "methods": ["map"], "labels": labels}
         buttons = "".join(f'<button class="word" data-index="{k}">{esc(line.get("word", line.get("answer")))}</button>'
@@ -120,22 +131,25 @@ def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
         rows.append("<tr>" + f'<td data-value="{line["image_id"]}">{link}</td>'
                     f"<td>{esc(word)}</td><td>{esc(line.get('class', 'answer'))}</td>"
                     f"<td>{esc(line.get('target', line.get('question_type', '')))}</td>"
-                    + "".join(f'<td data-value="{line[who][m]:.4f}">{line[who][m]:.3f}</td>'
-                              for who, m in (("model", "pointing_15px"), ("model", "energy"), ("model", "iou_15"),
-                                             ("center", "energy"), ("random", "energy"))) + "</tr>")
+                    + "".join(f'<td data-value="{line[who][m.key]:.4f}">{line[who][m.key]:.3f}</td>'
+                              for who, m in columns) + "</tr>")
+    headers = "".join(f"<th>{esc(m.label if who == 'model' else f'{who} {m.short_label()}')}</th>"
+                      for who, m in columns)
     table = ("<table class='sortable' id='words'><thead><tr><th>image</th><th>word / answer</th><th>class</th>"
-             "<th>category</th><th>pointing 15px</th><th>energy</th><th>IoU@15%</th><th>center energy</th>"
-             "<th>random energy</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+             f"<th>category</th>{headers}</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    per_category = summary.get("per_category", {})
+    first_aggregate = next((agg for categories in per_category.values() for agg in categories.values()), None)
+    compact = [get_metric(key) for key in _present(metric_keys(COMPACT), first_aggregate)]
     category_rows = []
-    for source, categories in summary.get("per_category", {}).items():
+    for source, categories in per_category.items():
         for key, agg in categories.items():
-            p, e = agg["pointing_15px"]["model"], agg["energy"]["model"]
+            cells = "".join(f"<td data-value='{s[0]:.4f}'>{100 * s[0]:.1f} [{100 * s[1]:.1f}, {100 * s[2]:.1f}]</td>"
+                            for s in (agg[m.key]["model"] for m in compact))
             category_rows.append(f"<tr><td>{esc(source)}</td><td>{esc(key)}</td><td data-value='{agg['n']}'>{agg['n']}</td>"
-                                 f"<td data-value='{p[0]:.4f}'>{100 * p[0]:.1f} [{100 * p[1]:.1f}, {100 * p[2]:.1f}]</td>"
-                                 f"<td data-value='{e[0]:.4f}'>{100 * e[0]:.1f} [{100 * e[1]:.1f}, {100 * e[2]:.1f}]</td></tr>")
+                                 f"{cells}</tr>")
     methods = _method_table_html(summary)
     categories = ("<table class='sortable' id='categories'><thead><tr><th>captions</th><th>category</th><th>n</th>"
-                  "<th>pointing 15px (95% CI)</th><th>energy (95% CI)</th></tr></thead><tbody>"
+                  + "".join(f"<th>{esc(m.label)} (95% CI)</th>" for m in compact) + "</tr></thead><tbody>"
                   + "".join(category_rows) + "</tbody></table>")
     shown = summary.get("methods", {})
     method = ", ".join(dict.fromkeys(names[0] for names in shown.values() if names)) or run.get("method")

@@ -1,0 +1,35 @@
+"""The arguments of an eval run (``mmgradcam eval``'s flags); ``identity`` is what a resume checks."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    instances: str
+    images: str
+    out: str
+    captions: str | None = None
+    questions: str | None = None
+    answers: str | None = None
+    model: str = "default"
+    vqa_model: str = "default"
+    method: str | None = None  # None: each model's default method; "a,b" / "all": several from one pass
+    layer: str | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    references: bool = False
+    synonyms: str | None = None
+    sanity_images: int = 0
+    faithfulness_images: int = 0
+    seed: int = 0
+    skip_captions: bool = False
+    function_words: bool = True  # also score every other caption word against all objects' union
+    extra: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """What must match for a rerun to resume (not batch-independent knobs like progress)."""
+        keep = asdict(self)
+        keep.pop("sanity_images")
+        keep.pop("faithfulness_images")
+        return keep
