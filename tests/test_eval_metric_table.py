@@ -19,7 +19,7 @@ from tiny import tiny_captioner, tiny_vqa
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "mmgradcam" / "eval"
-BUILT_IN = ("pointing_0px", "pointing_15px", "energy", "iou_15", "box_iou", "box_correct")
+BUILT_IN = ("pointing_0px", "pointing_15px", "energy", "iou_15", "box_iou", "box_correct", "obj_iou", "func_iou")
 
 
 def _mass_outside(scored) -> float:
@@ -77,14 +77,16 @@ def test_a_registered_metric_reaches_the_summary(toy_run):
         for agg in aggregates.values():
             assert set(agg["toy_outside"]) == {"model", "center", "random"}
     table = summary["method_table"]
-    assert table["metrics"] == ["pointing_0px", "pointing_15px", "energy", "iou_15", "toy_outside"]
+    assert table["metrics"] == ["pointing_0px", "pointing_15px", "energy", "iou_15", "obj_iou", "func_iou",
+                                "toy_outside"]
     for classes in table["methods"].values():
         for cell in classes.values():
             assert len(cell["toy_outside"]) == 3
     for baselines in table["baselines"].values():
         assert "toy_outside" in baselines["center"] and "toy_outside" in baselines["random"]
     markdown = (toy_run["out"] / "summary.md").read_text()
-    assert "| words | method | n | pointing_0px | pointing_15px | energy | iou_15 | toy_outside |" in markdown
+    assert "| words | method | n | pointing_0px | pointing_15px | energy | iou_15 | obj_iou | func_iou | toy_outside |" \
+        in markdown
     assert "| noun | " in markdown and re.search(r"\| noun \| \d+ \| toy_outside \|", markdown)
 
 

@@ -7,7 +7,16 @@ Definitions (word-level COCO scoring; see docs/ARCHITECTURE.md):
 - energy pointing (``energy``): the share of the map's non-negative mass inside the mask;
 - IoU@15% (``iou_15``): the map thresholded at 15% of its maximum, IoU with the mask;
 - box localization (``box_iou`` / ``box_correct``): the box around the largest connected segment of
-  the 15% threshold against the box around the mask; IoU >= 0.5 counts as correct.
+  the 15% threshold against the box around the mask; IoU >= 0.5 counts as correct;
+- TAM's metrics (Li et al., "Token Activation Map to Visually Explain Multimodal LLMs", ICCV 2025),
+  on the map min-max normalized to [0, 1] and binarized at each of ``PAPER_THRESHOLDS`` (0.05,
+  0.10, ..., 0.95): Obj-IoU (``obj_iou``) is the best IoU with the mask over the thresholds (the
+  paper reports it for object words); Func-IoU (``func_iou``) is how much a map lights up, the mean
+  over the thresholds of the share of the image's pixels at or above the threshold (the paper
+  reports it for function words, lower is better; we could not check the paper's exact formula, so
+  this is our definition: an all-zero map scores 0, a flat positive map 1). F1-IoU, the harmonic
+  mean of the nouns' Obj-IoU and 1 - the function words' Func-IoU, is computed from the class
+  means in the summary (``summary.f1_iou``), not per word.
 
 The mask of a (word, image) is the union of that category's instance masks. Every score is
 computed for the method's map and for two baselines (a center Gaussian, uniform random noise).
@@ -89,6 +98,38 @@ def box_iou(heatmap: np.ndarray, mask: np.ndarray, fraction: float = THRESHOLD) 
     return _box_iou(_box(largest), mask_box)
 
 
+# TAM's grid of thresholds on the [0, 1]-normalized map (fixed, so runs and papers compare)
+PAPER_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def _unit_map(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map (all zero included) becomes all zero (nothing lights up)."""
+    low, high = float(heatmap.min()), float(heatmap.max())
+    return (heatmap - low) / (high - low) if high > low else np.zeros(heatmap.shape)
+
+
+def obj_iou(heatmap: np.ndarray, mask: np.ndarray, thresholds: Sequence[float] = PAPER_THRESHOLDS) -> float:
+    """TAM's Obj-IoU: the best IoU with ``mask`` of the normalized map binarized at a threshold."""
+    unit = _unit_map(np.asarray(heatmap, dtype=np.float64))
+    return max(iou(unit >= t, mask) for t in thresholds)
+
+
+def func_iou(heatmap: np.ndarray, thresholds: Sequence[float] = PAPER_THRESHOLDS) -> float:
+    """Func-IoU (our reading of TAM's): the mean over the thresholds of the share of pixels whose
+    normalized value is at or above it, i.e. how much of the image a map lights up (lower is
+    better for function words, which have no object to point at)."""
+    unit = _unit_map(np.asarray(heatmap, dtype=np.float64))
+    return float(np.mean([(unit >= t).mean() for t in thresholds]))
+
+
+def f1_iou(obj: float, func: float) -> float:
+    """F1-IoU: the harmonic mean of Obj-IoU and 1 - Func-IoU (0 when both are 0; NaN in, NaN out)."""
+    keep = 1.0 - func
+    if np.isnan(obj) or np.isnan(keep):
+        return float("nan")
+    return 2 * obj * keep / (obj + keep) if obj + keep > 0 else 0.0
+
+
 class MapAndMask:
     """One map against one mask, with what several metrics share (the mask's distance transform,
     the box IoU) computed at most once and only when a metric asks for it."""
@@ -161,6 +202,14 @@ def _box_correct(s: MapAndMask) -> float:
     return float(s.box_overlap >= 0.5)
 
 
+def _obj_iou(s: MapAndMask) -> float:
+    return obj_iou(s.heatmap, s.mask)
+
+
+def _func_iou(s: MapAndMask) -> float:
+    return func_iou(s.heatmap)
+
+
 # Order matters: it is the key order of every scores dict in results.jsonl and summary.json (a
 # resumed run appends lines to shards an earlier process wrote, so it must never change).
 METRIC_TABLE: list[Metric] = [
@@ -172,6 +221,11 @@ METRIC_TABLE: list[Metric] = [
     Metric("iou_15", "IoU@15%", _iou_15),
     Metric("box_iou", "box IoU", _box_overlap, views=frozenset()),
     Metric("box_correct", "box correct", _box_correct, binary=True, views=frozenset({CLASSES})),
+    # TAM's (ICCV 2025) metrics, appended: Obj-IoU matters for object words, Func-IoU for function words
+    Metric("obj_iou", "Obj-IoU", _obj_iou, description="best IoU over thresholds 0.05..0.95 of the normalized map",
+           views=frozenset({METHOD_TABLE, WORDS})),
+    Metric("func_iou", "Func-IoU", _func_iou, description="mean share of pixels above thresholds 0.05..0.95",
+           views=frozenset({METHOD_TABLE})),
 ]
 LEAD = "pointing_15px"  # the pointing game leads the per-class tables and is the per-category plot
 RANK_BY = "energy"      # continuous: ranks words (gallery, report views), compared with the baselines per word

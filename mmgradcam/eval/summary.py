@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from .metrics import COMPACT, LEAD, METHOD_TABLE, bootstrap_cis, get_metric, headline_keys, metric_keys
+from .metrics import COMPACT, LEAD, METHOD_TABLE, bootstrap_cis, f1_iou, get_metric, headline_keys, metric_keys
 
 # Which metrics each table shows comes from the metric table (metrics.py), read at call time.
 BASELINES = ("model", "center", "random")
@@ -52,7 +52,9 @@ def method_table(words: list[dict], answers: list[dict], sanity: dict | None = N
     for answer in answers:
         groups["answer"].append(answer)
     classes = [c for c in TABLE_CLASSES if c in groups] + sorted(set(groups) - set(TABLE_CLASSES))
-    metrics = metric_keys(METHOD_TABLE)
+    # lines written before a metric joined the table (an old run re-summarized) lack its key: leave it out
+    everyone = [r for rows in groups.values() for r in rows]
+    metrics = tuple(m for m in metric_keys(METHOD_TABLE) if all(m in r["model"] for r in everyone))
     table: dict = {"source": "generated", "metrics": list(metrics), "classes": classes, "methods": {},
                    "baselines": {}}
     for word_class in classes:
@@ -64,9 +66,28 @@ def method_table(words: list[dict], answers: list[dict], sanity: dict | None = N
             mine = [r for r in rows if r.get("method", "?") == method]
             table["methods"].setdefault(method, {})[word_class] = {
                 "n": len(mine), **_cis(mine, ("model",), metrics)["model"]}
+    table["f1_iou"] = f1_iou_table(table)
     if sanity is not None:
         add_sanity_flags(table, sanity)
     return table
+
+
+def f1_iou_table(table: dict) -> dict:
+    """TAM's F1-IoU per method and baseline, from the method table's class means: the harmonic
+    mean of the nouns' mean Obj-IoU and 1 - the function words' mean Func-IoU (with their means;
+    empty when a run has no nouns, no function words or no such metrics)."""
+    if not {"obj_iou", "func_iou"} <= set(table["metrics"]) or not {"noun", "function"} <= set(table["classes"]):
+        return {}
+
+    def entry(noun: dict, function: dict) -> dict:
+        obj, func = noun["obj_iou"][0], function["func_iou"][0]
+        return {"obj_iou": obj, "func_iou": func, "f1_iou": f1_iou(obj, func)}
+
+    out = {method: entry(classes["noun"], classes["function"]) for method, classes in table["methods"].items()
+           if "noun" in classes and "function" in classes}
+    for who in ("center", "random"):
+        out[f"{who} baseline"] = entry(table["baselines"]["noun"][who], table["baselines"]["function"][who])
+    return out
 
 
 def add_sanity_flags(table: dict, sanity: dict) -> None:
@@ -152,6 +173,22 @@ def _method_markdown(summary: dict) -> list[str]:
     return out
 
 
+def _f1_markdown(summary: dict) -> list[str]:
+    rows = (summary.get("method_table") or {}).get("f1_iou")
+    if not rows:
+        return []
+    out = ["\n## TAM's metrics (Obj-IoU on nouns, Func-IoU on function words, F1-IoU)\n",
+           "Obj-IoU: best IoU with the mask of the normalized map binarized at 0.05..0.95 (higher is better); "
+           "Func-IoU: mean share of the image above those thresholds (lower is better); F1-IoU: harmonic mean "
+           "of Obj-IoU and 1 - Func-IoU. Percentages.\n",
+           "| method | Obj-IoU (nouns) | Func-IoU (function words) | F1-IoU |", "|---|---:|---:|---:|"]
+    for name, entry in rows.items():
+        label = f"*{name}*" if name.endswith(" baseline") else name
+        out.append(f"| {label} | " + " | ".join(f"{100 * entry[k]:.1f}" for k in ("obj_iou", "func_iou", "f1_iou"))
+                   + " |")
+    return out
+
+
 def _studies_markdown(summary: dict) -> list[str]:
     sanity, faith = summary.get("sanity"), summary.get("faithfulness")
     if not sanity and not faith:
@@ -199,6 +236,7 @@ def markdown_tables(summary: dict) -> str:
            f"{summary['answers_scored']} scored answers, {len(summary['skipped'])} skipped items. "
            "Percentages with 95% bootstrap CIs.\n"]
     out += _method_markdown(summary)
+    out += _f1_markdown(summary)
     out += _studies_markdown(summary)
     for source, classes in summary["captions"].items():
         out.append(f"\n## Caption words ({source}{', ' + first if first else ''})\n")
