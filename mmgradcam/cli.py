@@ -365,6 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         references=args.references, synonyms=str(args.synonyms) if args.synonyms else None,
         sanity_images=args.sanity_images, faithfulness_images=args.faithfulness_images, seed=args.seed,
         skip_captions=args.captions is None, function_words=not args.no_function_words,
+        perturbation_questions=args.perturbation_questions,
     )
     summary = run_eval(config, progress=not args.quiet)
     if summary is not None:  # rank 0 (the only process outside torchrun)
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--synonyms", type=Path, default=None, help="extra word<TAB>category table")
     evaluate.add_argument("--sanity-images", type=int, default=0, help="model-randomization check on N images")
     evaluate.add_argument("--faithfulness-images", type=int, default=0, help="deletion/insertion AUCs on N images")
+    evaluate.add_argument("--perturbation-questions", type=int, default=0,
+                          help="Chefer's positive/negative perturbation AUCs of the answer on the first N questions")
     evaluate.add_argument("--no-function-words", action="store_true",
                           help="score only words with a category or color (by default every other caption word "
                                "is scored too, against the union of all objects in the image)")

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
-from mmgradcam.engine.registry import MethodSpec, method_names
+from mmgradcam.engine.explanation import Explanation
+from mmgradcam.engine.registry import MethodSpec, get_method, is_readout_method, method_names
 from mmgradcam.targets import logits_of
 
-from .common import Adapter, load_adapter
+from .common import Adapter, load_adapter, registered_adapters
 from .geometry import ImageLike, load_image
 
 
@@ -191,6 +192,45 @@ class Captioner(Adapter):
 
     pad_id: int = 0
     text_logits_from_end: bool = False  # logits hold non-text positions first (GIT)
+    # the image tokens sit in the text decoder's sequence, so the LM head can be read at them
+    # (readout methods such as TAM); a family that sets it implements ``image_token_logits``
+    image_tokens_in_text: bool = False
+
+    def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, h*w, V): the LM head's logits at the image tokens of the grid (prefix tokens such as
+        CLS dropped), and the grid (h, w)."""
+        raise NotImplementedError
+
+    def _readout_explanations(self, names: Sequence[str], model_inputs: dict[str, torch.Tensor],
+                              tokens: Sequence[CaptionTokens], chosen: Sequence[Sequence[int]],
+                              targets: Sequence[Any]) -> dict[str, Explanation]:
+        """Readout methods (TAM) from one forward without gradients, shaped as the engine's
+        Explanations: target k of caption b is its k-th chosen word, the last the whole caption
+        (the mean of all its words' maps)."""
+        if not self.image_tokens_in_text:
+            able = sorted({r.family for r in registered_adapters("captioning")
+                           if getattr(r.adapter, "image_tokens_in_text", False)})
+            raise ValueError(f"method {names[0]!r} reads the LM head at image tokens in the text sequence; the "
+                             f"{self.family!r} family has none. Families that support it: {', '.join(able)}")
+        with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
+            output = self.model(**model_inputs)
+            scores = torch.stack([t(output) for t in targets]).detach().float()  # (T, B)
+            logits, (h, w) = self.image_token_logits(output, model_inputs)
+        logits = logits.float()
+        out = {}
+        for name in names:
+            layer_maps = torch.zeros((len(targets), len(tokens), h, w))
+            for b, (t, c) in enumerate(zip(tokens, chosen)):
+                # a word's raw map: its tokens' logits at every image token
+                raw = torch.stack([sum(logits[b, :, tok] for _, tok in positions) if positions
+                                   else logits.new_zeros(h * w) for positions in t.word_positions]).reshape(-1, h, w)
+                word_maps = get_method(name).maps(raw)
+                layer_maps[:len(c), b] = word_maps[c]
+                layer_maps[-1, b] = word_maps.mean(dim=0)
+            out[name] = Explanation(layer_maps=layer_maps, signed_layer_maps=layer_maps, activations=torch.empty(0),
+                                    gradients=None, scores=scores, input_size=tuple(model_inputs["pixel_values"].shape[-2:]),
+                                    method=name, layer_name="LM head at the image tokens")
+        return out
 
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Any]:
         raise NotImplementedError
@@ -310,10 +350,14 @@ class Captioner(Adapter):
         per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
         names = method_names(self.default_method if method is None else method)
-        with self.forward_context():
-            exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, names,
-                              counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                              **self.layer_options)
+        readout = [name for name in names if is_readout_method(name)]  # read by the task, not the engine
+        exps = self._readout_explanations(readout, model_inputs, tokens, chosen, per_word + [whole]) if readout else {}
+        engine_names = [name for name in names if name not in exps]
+        if engine_names:
+            with self.forward_context():
+                exps.update(mg.explain(self.model, model_inputs, per_word + [whole], layer, engine_names,
+                                       counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                                       **self.layer_options))
         first = exps[names[0]]
         pixel = next((exps[n] for n in names if exps[n].pixel_maps is not None), None)
         results = []

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+
+from mmgradcam.targets import logits_of
 
 from .common import register_adapter
 from .hf import HFCaptioner, last_block_name
@@ -20,10 +23,19 @@ class GitCaptioner(HFCaptioner):
     family = "git"
     layer_reason = "the image encoder's last block: all its tokens enter the text decoder's sequence"
     text_logits_from_end = True
+    image_tokens_in_text = True  # TAM reads the LM head at the image prefix of the decoder's sequence
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "git"):
         super().__init__(model, tokenizer, image_processor, name)
         self.default_layer = last_block_name(model, model.git.image_encoder)
+
+    def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """GIT's logits cover the image tokens (the CLIP encoder's CLS, then its patch grid), then the text."""
+        logits = logits_of(output)
+        image_tokens = logits.shape[1] - inputs[self.input_key].shape[1]
+        patch = int(self.model.config.vision_config.patch_size)
+        h, w = (int(s) // patch for s in inputs["pixel_values"].shape[-2:])
+        return logits[:, image_tokens - h * w:image_tokens], (h, w)
 
     def _max_tokens(self) -> int:
         return int(self.model.config.max_position_embeddings)

@@ -19,7 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
-from mmgradcam.engine.registry import MethodSpec, method_names
+from mmgradcam.engine.registry import MethodSpec, is_readout_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter
@@ -186,6 +186,10 @@ class VQAModel(Adapter):
         if contrast is not None:
             targets[-1] = Difference(targets[0], targets[-1])
         names = method_names(self.default_method if method is None else method)
+        readout = [name for name in names if is_readout_method(name)]
+        if readout:  # no VQA family puts its image tokens in a language model's sequence (yet)
+            raise ValueError(f"method {readout[0]!r} is not available for VQA ({self.family!r}); it needs image tokens "
+                             "in the text sequence: captioning with the git family supports it")
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",

@@ -15,7 +15,7 @@ from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
 from .layouts import FunctionLayout, Layout
-from .registry import CAMMethod, MethodSpec, get_method, is_several, method_names
+from .registry import CAMMethod, MethodSpec, ReadoutMethod, get_method, is_several, method_names
 from .state import preserved_state
 
 LayerSpec = nn.Module | str
@@ -77,6 +77,10 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     """
     names = method_names(method)
     requested = [get_method(name) for name in names]
+    readout = [m.name for m in requested if isinstance(m, ReadoutMethod)]
+    if readout:  # read from the forward by a task adapter (e.g. TAM through Captioner.explain for GIT)
+        raise ValueError(f"method {readout[0]!r} is computed by a task adapter that supports it "
+                         "(captioning.load(...).explain), not by mg.explain")
     # a pixel-space method refines its base CAM method's maps: that one is computed in the pass too
     cam_methods = [get_method(name) for name in dict.fromkeys(
         m.name if isinstance(m, CAMMethod) else m.base for m in requested)]

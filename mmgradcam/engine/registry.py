@@ -120,3 +120,20 @@ def method_names(method: MethodSpec, known: Sequence[str] | None = None) -> list
     if unknown:
         raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; available: {', '.join(valid)}")
     return list(dict.fromkeys(by_key[_canonical(part)] for part in parts))
+
+
+class ReadoutMethod:
+    """A method read from the model's own forward, without gradients, by a task adapter that can
+    (TAM: the LM head read at image tokens that sit in the text sequence). The engine's
+    ``explain`` does not compute it; the task calls ``maps`` on what its adapter read."""
+
+    name: str = ""
+
+    def maps(self, raw: torch.Tensor) -> torch.Tensor:
+        """(n_words, h, w) maps of one caption's words, in caption order, from the adapter's raw
+        readouts (n_words, h, w)."""
+        raise NotImplementedError
+
+
+def is_readout_method(name: str) -> bool:
+    return isinstance(get_method(name), ReadoutMethod)

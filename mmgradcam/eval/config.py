@@ -26,10 +26,13 @@ class EvalConfig:
     skip_captions: bool = False
     function_words: bool = True  # also score every other caption word against all objects' union
     extra: dict = field(default_factory=dict)
+    perturbation_questions: int = 0  # Chefer's perturbation test on the first N VQA questions
+
 
     def identity(self) -> dict:
         """What must match for a rerun to resume (not batch-independent knobs like progress)."""
         keep = asdict(self)
         keep.pop("sanity_images")
         keep.pop("faithfulness_images")
+        keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
         return keep

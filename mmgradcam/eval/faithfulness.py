@@ -6,6 +6,11 @@
 - Deletion / insertion (Petsiuk et al.): remove (gray) or insert (into a blurred copy) pixels in
   the order of the map and follow the word's probability; the area under the curve is compared
   with a random pixel order. Lower deletion AUC and higher insertion AUC mean a faithful map.
+- Perturbation test for VQA (Chefer et al. 2021): gray the image's pixels in steps of 10%, from
+  the most to the least relevant (positive) and from the least to the most (negative), and follow
+  the probability of the explained answer; the areas under both curves (with a random order
+  beside them). Lower positive AUC and higher negative AUC mean a faithful map. It is deletion's
+  curve (``_curve_images``) in both orders, scored by the VQA model.
 
 Both take one method or several ("gradcam,hirescam", a list, "all"; None: the model's default):
 every explain call computes all of them from one forward and backward, and the results hold one
@@ -115,6 +120,45 @@ def _auc(values: list[float]) -> float:
     """Trapezoid area under equally spaced values on [0, 1]."""
     v = np.asarray(values, dtype=np.float64)
     return float(((v[1:] + v[:-1]) / 2).sum() / (len(v) - 1))
+
+
+def perturbation_study(vqa, items: Sequence[tuple[Image.Image, str]], method=None, layer=None,
+                       steps: int = 10, seed: int = 0) -> dict:
+    """Chefer's positive and negative perturbation AUCs of the answer's probability, per method
+    (one explain call per question for all of them; the random order, one per question, is
+    shared). ``items``: (image, question); a question the model refuses (ValueError) is skipped.
+    The explained answer is the model's top answer on the whole image."""
+    rng = np.random.default_rng(seed)
+    names = _method_list(vqa, method)
+    curves = ("positive", "negative")
+    aucs = {(who, curve): [] for who in [*names, None] for curve in curves}  # None: the random order
+    skipped = 0
+    for pil, question in items:
+        try:
+            result = vqa.explain(pil, question, method=names, layer=layer)
+        except ValueError:
+            skipped += 1
+            continue
+        image = np.asarray(pil.convert("RGB"))
+        gray = np.full_like(image, 128)
+        for who in [*names, None]:
+            if who is None:
+                order = rng.permutation(image.shape[0] * image.shape[1])
+            else:  # most relevant first; ties keep pixel order
+                order = np.argsort(-result.method_maps[who][0][0].numpy().reshape(-1), kind="stable")
+            for curve, ranked in (("positive", order), ("negative", order[::-1])):
+                # the first k/steps of ``ranked`` grayed: deletion's frames in this order
+                frames = _curve_images(gray, image, ranked, steps)
+                probabilities = [vqa.answer_probabilities(vqa.prepare(frame, question)[0], [result.answer])[0]
+                                 for frame in frames]
+                aucs[(who, curve)].append(_auc(probabilities))
+    done = len(aucs[(None, "positive")])
+    if not done:
+        return {"questions": 0, "skipped": skipped, "steps": steps, "methods": {}}
+    random = {f"{curve}_auc_random": float(np.mean(aucs[(None, curve)])) for curve in curves}
+    per_method = {name: {**{f"{curve}_auc_map": float(np.mean(aucs[(name, curve)])) for curve in curves}, **random}
+                  for name in names}
+    return {"questions": done, "skipped": skipped, "steps": steps, **per_method[names[0]], "methods": per_method}
 
 
 def faithfulness_study(captioner, images: Sequence[Image.Image], method=None, layer=None,

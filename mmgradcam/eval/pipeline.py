@@ -188,13 +188,27 @@ class Evaluation:
             return [Skip("question", question.get("question_id"), str(error)).as_line(k)]
         return self.scorer.answer(k, image_id, question, result, mask, methods)
 
+    def _perturbation_items(self, count: int) -> list[tuple[object, str]]:
+        """The first ``count`` questions of the run's images (id order) with their images."""
+        items = []
+        for image_id in self.image_ids:
+            questions = self.questions.get(image_id, [])
+            if not questions:
+                continue
+            loaded, _ = self._load_images([image_id])
+            for _, pil in loaded:
+                items += [(pil, q["question"]) for q in questions[:count - len(items)]]
+            if len(items) >= count:
+                break
+        return items
+
     # ------------------------------------------------------------------------- merge and summary
     def merged_lines(self) -> Iterator[dict]:
         return shards.merged_lines(self.out)
 
     def finish(self) -> dict:
         """Merge the shards into results.jsonl, summarize, run the studies, write summary.json/md."""
-        from .studies import run_studies
+        from .studies import run_perturbation, run_studies
         from .summary import summarize, write_reports
 
         lines = list(self.merged_lines())
@@ -207,6 +221,9 @@ class Evaluation:
             images, _ = self._load_images(self.image_ids[:max(config.sanity_images, config.faithfulness_images)])
             summary.update(run_studies(self.captioner, [p for _, p in images], self.methods("captions"),
                                        config.layer, config.seed, config.sanity_images, config.faithfulness_images))
+        if config.perturbation_questions and self.questions:
+            summary.update(run_perturbation(self.vqa, self._perturbation_items(config.perturbation_questions),
+                                            self.methods("vqa"), config.layer, config.seed))
         write_reports(self.out, summary)
         return summary
 

@@ -1,6 +1,7 @@
-"""The extra studies of a run (``--sanity-images``, ``--faithfulness-images``): model
-randomization and deletion / insertion (faithfulness.py) on the run's first images, every
-method from each explain call. They run once, at the end, on rank 0."""
+"""The extra studies of a run (``--sanity-images``, ``--faithfulness-images``,
+``--perturbation-questions``): model randomization and deletion / insertion (faithfulness.py) on
+the run's first images, and Chefer's perturbation test on its first VQA questions, every method
+from each explain call. They run once, at the end, on rank 0."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,3 +19,12 @@ def run_studies(captioner, images: Sequence, methods: list[str], layer: str | No
         out["faithfulness"] = faithfulness_study(captioner, list(images[:faithfulness_images]), method=methods,
                                                  layer=layer, seed=seed)
     return out
+
+
+def run_perturbation(vqa, items: Sequence, methods: list[str], layer: str | None, seed: int) -> dict:
+    """{"perturbation": ...} on (image, question) items (none: an empty dict)."""
+    from .faithfulness import perturbation_study
+
+    if not items:
+        return {}
+    return {"perturbation": perturbation_study(vqa, list(items), method=methods, layer=layer, seed=seed)}

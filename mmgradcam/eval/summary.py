@@ -189,6 +189,21 @@ def _f1_markdown(summary: dict) -> list[str]:
     return out
 
 
+def _perturbation_markdown(summary: dict) -> list[str]:
+    study = summary.get("perturbation")
+    if not study or not study.get("methods"):
+        return []
+    out = ["\n## Perturbation test per method (VQA, Chefer et al.)\n",
+           f"On {study['questions']} questions: area under the explained answer's probability as the image's pixels "
+           f"are grayed in {study['steps']} steps, most relevant first (positive: lower is better) and least relevant "
+           "first (negative: higher is better); a random order beside them.\n",
+           "| method | positive AUC (map / random) | negative AUC (map / random) |", "|---|---|---|"]
+    for name, entry in study["methods"].items():
+        out.append(f"| {name} | {_number(entry['positive_auc_map'])} / {_number(entry['positive_auc_random'])} | "
+                   f"{_number(entry['negative_auc_map'])} / {_number(entry['negative_auc_random'])} |")
+    return out
+
+
 def _studies_markdown(summary: dict) -> list[str]:
     sanity, faith = summary.get("sanity"), summary.get("faithfulness")
     if not sanity and not faith:
@@ -237,6 +252,7 @@ def markdown_tables(summary: dict) -> str:
            "Percentages with 95% bootstrap CIs.\n"]
     out += _method_markdown(summary)
     out += _f1_markdown(summary)
+    out += _perturbation_markdown(summary)
     out += _studies_markdown(summary)
     for source, classes in summary["captions"].items():
         out.append(f"\n## Caption words ({source}{', ' + first if first else ''})\n")
@@ -265,7 +281,7 @@ def markdown_tables(summary: dict) -> str:
             out.append(f"| {kind} | {agg['n']} | {100 * agg['accuracy']:.1f} | "
                        + " | ".join(_cell(agg[m.key]['model']) for m in compact)
                        + f" | {_cell(agg[LEAD]['center'])} | {_cell(agg[LEAD]['random'])} |")
-    for key in ("sanity", "faithfulness"):
+    for key in ("sanity", "faithfulness", "perturbation"):
         if key in summary:
             out.append(f"\n## {key} (all numbers)\n\n```\n{json.dumps(summary[key], indent=1)}\n```")
     if summary["skipped"]:
