@@ -22,7 +22,7 @@ from mmgradcam.engine import preserved_state
 from mmgradcam.engine.registry import MethodSpec, is_readout_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
-from .common import Adapter, load_adapter
+from .common import Adapter, load_adapter, registered_adapters
 from .geometry import ImageLike, load_image
 
 SCORES = ("logit", "logprob")
@@ -188,8 +188,10 @@ class VQAModel(Adapter):
         names = method_names(self.default_method if method is None else method)
         readout = [name for name in names if is_readout_method(name)]
         if readout:  # no VQA family puts its image tokens in a language model's sequence (yet)
+            able = sorted({r.family for r in registered_adapters("captioning")
+                           if getattr(r.adapter, "image_tokens_in_text", False)})
             raise ValueError(f"method {readout[0]!r} is not available for VQA ({self.family!r}); it needs image tokens "
-                             "in the text sequence: captioning with the git family supports it")
+                             f"in the text sequence. Captioning families that support it: {', '.join(able)}")
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
