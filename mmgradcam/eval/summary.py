@@ -183,7 +183,8 @@ def _f1_markdown(summary: dict) -> list[str]:
            "of Obj-IoU and 1 - Func-IoU. Percentages.\n",
            "| method | Obj-IoU (nouns) | Func-IoU (function words) | F1-IoU |", "|---|---:|---:|---:|"]
     for name, entry in rows.items():
-        label = f"*{name}*" if name.endswith(" baseline") else name
+        # not "*center baseline*": that cell marks the method table's baseline rows
+        label = name.replace(" baseline", " (baseline)")
         out.append(f"| {label} | " + " | ".join(f"{100 * entry[k]:.1f}" for k in ("obj_iou", "func_iou", "f1_iou"))
                    + " |")
     return out
