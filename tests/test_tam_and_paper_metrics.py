@@ -224,3 +224,24 @@ def test_a_tiny_eval_shows_the_paper_metrics(tmp_path):
         assert "F1-IoU" in markdown
     html = build_report(out).read_text()
     assert "Obj-IoU" in html
+
+
+def test_tam_through_the_eval_cli_on_a_git_directory(tmp_path):
+    """``mmgradcam eval --method tam,gradcam`` on a saved tiny GIT: both methods' lines are scored."""
+    import subprocess
+    import sys
+
+    from mmgradcam.data.shapes import write_split
+
+    for thing in tiny_git():
+        thing.save_pretrained(tmp_path / "git")
+    paths = write_split(tmp_path / "data", "test", 2, seed=1)
+    result = subprocess.run([sys.executable, "-m", "mmgradcam.cli", "eval", "--instances", str(paths["instances"]),
+                             "--captions", str(paths["captions"]), "--images", str(paths["images"]), "--references",
+                             "--model", str(tmp_path / "git"), "--method", "tam,gradcam", "--quiet", "--out", "ev"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    words = [line for line in lines if line["kind"] == "word"]
+    assert {line["method"] for line in words} == {"tam", "gradcam"}
+    assert all("obj_iou" in line["model"] for line in words)
