@@ -19,7 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
-from mmgradcam.engine.registry import MethodSpec, method_names
+from mmgradcam.engine.registry import MethodSpec, is_attention_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter
@@ -185,11 +185,16 @@ class VQAModel(Adapter):
         inputs, targets = self.targets_for(inputs, answers + ([contrast] if contrast is not None else []), score)
         if contrast is not None:
             targets[-1] = Difference(targets[0], targets[-1])
-        names = method_names(self.default_method if method is None else method)
+        names = self.method_choice(self.default_method if method is None else method)
+        attention = {}
+        if any(is_attention_method(n) for n in names):
+            rows = self.answer_rows(inputs)  # one question: every target reads the same rows
+            attention = {"attention": self.attention_graph(inputs),
+                         "readout": rows.reshape(1, 1, -1).expand(len(targets), 1, -1)}
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                              **self.layer_options)
+                              **self.layer_options, **attention)
         count = len(answers)
 
         def split(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -218,6 +223,11 @@ class VQAModel(Adapter):
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+    def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(text rows,) weights of the positions the answer is read from (the attention methods'
+        readout); a model with an ``attention_graph`` says which."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its answer is read from")
 
 
 class ClassifierVQA(VQAModel):

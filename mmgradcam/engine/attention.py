@@ -160,7 +160,7 @@ def attention_pass(model: nn.Module, inputs: Inputs, targets: Sequence[Target], 
             output = call_model(model, inputs)
         if len(collected) != len(graph.layers):
             raise RuntimeError(f"captured {len(collected)} of the {len(graph.layers)} attention layers")
-        scores = target_scores(targets, output, int(collected[0].shape[0]))
+        scores = target_scores(targets, output, int(_per_head(graph.layers[0], collected[0]).shape[0]))
         gradients = target_gradients(scores, collected, batched)
     probabilities = [_per_head(layer, p).detach().float() for layer, p in zip(graph.layers, collected)]
     # torch MHA's gradients are (T, B * heads, Lq, Lk) like its probabilities
