@@ -5,17 +5,20 @@ token of its output, so the patch tokens there carry gradient (unlike a CLS-only
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
 
 import torch
 from torch import nn
+
+from mmgradcam.engine.attention import AttentionGraph
 
 from mmgradcam.engine import preserved_state
 
 from .common import register_adapter
 from .geometry import ImageLike
-from .hf import HFAdapter, HFCaptioner, last_block_name
+from .hf import decoder_graph, HFAdapter, HFCaptioner, last_block_name
 from .vqa import VQAModel
 
 LAYER_REASON = "the vision encoder's last block: the text decoder cross-attends to all its patch tokens"
@@ -33,6 +36,11 @@ class BlipCaptioner(HFCaptioner):
 
     def _max_tokens(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """The text decoder's self-attention and its cross-attention to the ViT's tokens."""
+        return decoder_graph(self.model, self.model.text_decoder, self.model.config.vision_config,
+                             {"attention.self": "self", "crossattention.self": "cross"})
 
     def prepare_ids(self, ids, offsets, special):
         # BLIP decodes from [DEC] (the text config's BOS) in place of the tokenizer's [CLS]

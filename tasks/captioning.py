@@ -322,7 +322,7 @@ class Captioner(Adapter):
         attention = {}
         if any(is_attention_method(n) for n in names):
             attention = {"attention": self.attention_graph(model_inputs),
-                         "readout": word_readout(per_word + [whole], model_inputs["input_ids"].shape[1])}
+                         "readout": word_readout(per_word + [whole], model_inputs[getattr(self, "input_key", "input_ids")].shape[1])}
         with self.forward_context():
             exps = mg.explain(self.model, model_inputs, per_word + [whole], layer, names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",

@@ -7,12 +7,18 @@ short side, center crop) leaves the area outside the crop unseen (``seen`` False
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
+
+import torch
 from torch import nn
 
+from mmgradcam.engine.attention import AttentionGraph
+
 from .common import register_adapter
-from .hf import HFCaptioner, last_block_name
+from .hf import attention_modules, eager_attention, vit_grid, HFCaptioner, last_block_name
 
 
 @register_adapter("captioning", model_type="git", model_class="GitForCausalLM")
@@ -24,6 +30,14 @@ class GitCaptioner(HFCaptioner):
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "git"):
         super().__init__(model, tokenizer, image_processor, name)
         self.default_layer = last_block_name(model, model.git.image_encoder)
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """One sequence of image tokens (CLS, then the patch grid) and text tokens: every block's
+        self-attention is joint; the text rows start after the image tokens."""
+        grid = vit_grid(self.model.config.vision_config)
+        tokens = 1 + grid[0] * grid[1]
+        return AttentionGraph(attention_modules(self.model.git.encoder, {"attention.self": "joint"}), grid,
+                              slice(1, tokens), text_offset=tokens, context=partial(eager_attention, self.model))
 
     def _max_tokens(self) -> int:
         return int(self.model.config.max_position_embeddings)
