@@ -13,8 +13,9 @@ from . import __version__, available_methods
 def _method_help(several: str = "") -> str:
     """--method's help: the registered methods (not a hard-coded list), "all", the default."""
     names = ", ".join(available_methods(pixel=True))
-    return (f"{names}; several separated by commas, or 'all' (every CAM method, from the same forward and "
-            f"backward pass{several}); default: the model's own default method")
+    return (f"{names}; several separated by commas, or 'all' (every method that applies to the model: the CAM "
+            f"methods from the same forward and backward pass{several}, plus attention-gradcam and relevance "
+            "for models that read the image through attention); default: the model's own default method")
 
 
 def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
