@@ -76,10 +76,8 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     compare = _compare_method(captioner, args.compare_method, method)
     # every method, the compared one included, from one forward and backward pass (the report gets
     # a method switch)
-    if compare is not None:  # a list, so that "all" (not a name inside "all,hirescam") works too
-        from .engine.registry import method_names
-
-        method = [*method_names(method), compare]
+    if compare is not None:  # a list, so that "all" (every method that applies to the model) works too
+        method = list(dict.fromkeys([*captioner.method_choice(method), compare]))
     result = captioner.explain(pil, caption=args.caption, method=method, layer=args.layer,
                                counterfactual=args.counterfactual, beam_size=args.beam)
     _print_notice(result)
