@@ -188,3 +188,20 @@ def test_cli_caption_relevance(tmp_path, shapes_image):
     shapes_image.save(path)
     main(["caption", str(path), "--method", "relevance", "--out", str(tmp_path / "out")])
     assert any((tmp_path / "out").iterdir())
+
+
+def test_eval_scores_the_attention_methods(tmp_path):
+    import json
+
+    from mmgradcam.data.shapes import write_split
+    from mmgradcam.eval.pipeline import EvalConfig, Evaluation
+    from tiny import tiny_captioner
+
+    paths = write_split(tmp_path / "data", "test", 3, seed=9)
+    captioner = tiny_captioner(tmp_path / "captioner", max_tokens=20, seed=2)
+    config = EvalConfig(instances=str(paths["instances"]), images=str(paths["images"]), out=str(tmp_path / "out"),
+                        captions=str(paths["captions"]), model=str(captioner), method="relevance,attention-gradcam",
+                        batch_size=2, references=True)
+    Evaluation(config, progress=False).run()
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {line["method"] for line in lines} == {"relevance", "attention-gradcam"}
