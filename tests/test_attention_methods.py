@@ -205,3 +205,19 @@ def test_eval_scores_the_attention_methods(tmp_path):
     Evaluation(config, progress=False).run()
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert {line["method"] for line in lines} == {"relevance", "attention-gradcam"}
+
+
+@pytest.mark.parametrize("max_image_length", [-1, 6])
+def test_tiny_vilt_single_stream(max_image_length):
+    model, tokenizer, processor = hf_tiny.tiny_vilt(max_image_length)
+    hooks = _hooks(model)
+    answerer = vqa.load(model, tokenizer=tokenizer, image_processor=processor)
+    image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
+    for method in ("relevance", "attention-gradcam"):
+        r = answerer.explain(image, "what color is the circle ?", method=method, top_k=2)
+        assert r.maps.shape == (2, 40, 48) and r.layer_maps.shape[0] == 2
+        assert float(r.layer_maps.abs().sum()) > 0
+        # sampled patches (max_image_length) light up at most that many cells
+        if max_image_length > 0:
+            assert int((r.layer_maps[0] > 0).sum()) <= max_image_length
+    assert _hooks(model) == hooks

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +88,9 @@ class AttentionGraph:
         sequence's positions (prefix tokens such as CLS left out).
     text_offset: where text row 0 sits in a joint sequence (GIT puts the image tokens first).
     context: entered around the forward (e.g. transformers' eager attention, restored after).
+    placement: optional ``(T, B, n image tokens) -> (T, B, h, w)`` called after the forward, for
+        models whose image tokens are not the grid in order (ViLT samples patches); ``grid`` then
+        only documents the shape.
     """
 
     layers: list[AttentionLayer]
@@ -95,7 +98,7 @@ class AttentionGraph:
     image_columns: slice
     text_offset: int = 0
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    extra: dict[str, Any] = field(default_factory=dict)
+    placement: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def joint(self) -> bool:
@@ -116,6 +119,8 @@ class AttentionPass:
     def to_grid(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, B, n) rows over the layer's keys / positions -> (T, B, h, w) over the image grid."""
         image = rows[..., self.graph.image_columns]
+        if self.graph.placement is not None:
+            return self.graph.placement(image)
         h, w = self.graph.grid
         if image.shape[-1] != h * w:
             raise ValueError(f"{image.shape[-1]} image tokens do not fill the {h}x{w} grid")
