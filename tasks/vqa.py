@@ -188,9 +188,7 @@ class VQAModel(Adapter):
         names = self.method_choice(self.default_method if method is None else method)
         attention = {}
         if any(is_attention_method(n) for n in names):
-            rows = self.answer_rows(inputs)  # one question: every target reads the same rows
-            attention = {"attention": self.attention_graph(inputs),
-                         "readout": rows.reshape(1, 1, -1).expand(len(targets), 1, -1)}
+            attention = {"attention": self.attention_graph(inputs), "readout": self.answer_readout(inputs, targets)}
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
@@ -223,6 +221,10 @@ class VQAModel(Adapter):
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+    def answer_readout(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any]) -> torch.Tensor:
+        """(T, 1, rows): where each target's map is read (one question: by default the same rows)."""
+        return self.answer_rows(inputs).reshape(1, 1, -1).expand(len(targets), 1, -1)
 
     def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(text rows,) weights of the positions the answer is read from (the attention methods'

@@ -221,3 +221,19 @@ def test_tiny_vilt_single_stream(max_image_length):
         if max_image_length > 0:
             assert int((r.layer_maps[0] > 0).sum()) <= max_image_length
     assert _hooks(model) == hooks
+
+
+def test_tiny_blip_vqa_two_stages():
+    """BLIP VQA: the answer decoder reads the question encoder, which reads the image; each
+    candidate's map is read at its own tokens."""
+    model, tokenizer, processor = hf_tiny.tiny_blip(vqa=True)
+    answerer = vqa.load(model, tokenizer=tokenizer, image_processor=processor)
+    image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
+    inputs, _ = answerer.prepare(image, "what color is the circle ?")
+    grid = answerer.attention_graph(inputs).grid
+    for method in ("relevance", "attention-gradcam"):
+        r = answerer.explain(image, "what color is the circle ?", answer=["red", "blue"], method=method)
+        assert r.maps.shape == (2, 40, 48) and r.layer_maps.shape == (2, *grid)
+        assert float(r.layer_maps.abs().sum()) > 0
+        # random tiny weights give tiny values: compare the shapes of the two maps
+        assert not torch.allclose(mg.normalize_maps(r.layer_maps[0]), mg.normalize_maps(r.layer_maps[1]))

@@ -72,6 +72,9 @@ class AttentionLayer:
     kind: str
     read: Callable[..., torch.Tensor] = tuple_probabilities
     pre_hook: Callable[..., Any] | None = None
+    # 0: cross-attention keys are the image tokens; s > 0: the text rows of stage s - 1 (BLIP VQA's
+    # answer decoder reads the question encoder, which reads the image)
+    stage: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,6 +102,8 @@ class AttentionGraph:
     text_offset: int = 0
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     placement: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # staged graphs: weights of stage 0's text rows, where attention-gradcam reads its map
+    stage_rows: torch.Tensor | None = None
 
     @property
     def joint(self) -> bool:

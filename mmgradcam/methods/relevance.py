@@ -32,7 +32,25 @@ class Relevance(AttentionMethod):
     def layer_map(self, computed) -> torch.Tensor:
         if computed.graph.joint:
             return self._joint(computed)
-        return self._decoder(computed)
+        stages = sorted({layer.stage for layer in computed.graph.layers}) if computed.graph.layers else [0]
+        if len(stages) == 1:
+            return computed.to_grid(computed.read_rows(self._decoder(computed.kinds, computed.probabilities,
+                                                                     computed.gradients)))
+        return self._staged(computed, stages)
+
+    def _staged(self, computed, stages: list[int]) -> torch.Tensor:
+        """Stage s's cross-attention reads stage s - 1's text rows: the relevance of the last stage's
+        rows to the image is R^{(last)} · ... · R^{(0)} (each stage's R^ti by the decoder rule). A
+        later stage may batch several rows per sample (BLIP VQA: one per candidate answer); only a
+        target's own row has gradient, so the rows are summed."""
+        chain = None
+        for stage in stages:
+            picked = [i for i, layer in enumerate(computed.graph.layers) if layer.stage == stage]
+            r = self._decoder([computed.kinds[i] for i in picked], [computed.probabilities[i] for i in picked],
+                              [computed.gradients[i] for i in picked])  # (T, B_s, rows_s, keys_s)
+            r = r.sum(dim=1, keepdim=True) if stage else r
+            chain = r if chain is None else r @ chain
+        return computed.to_grid(computed.read_rows(chain))
 
     @staticmethod
     def _joint(computed) -> torch.Tensor:
@@ -45,9 +63,10 @@ class Relevance(AttentionMethod):
         return computed.to_grid(computed.read_rows(r, computed.graph.text_offset))
 
     @staticmethod
-    def _decoder(computed) -> torch.Tensor:
+    def _decoder(kinds, probabilities, gradients) -> torch.Tensor:
+        """R^ti (T, B, text, image) of self- and cross-attention layers in forward order."""
         r_tt = r_ti = None
-        for kind, probs, grads in zip(computed.kinds, computed.probabilities, computed.gradients):
+        for kind, probs, grads in zip(kinds, probabilities, gradients):
             a = _weighted(probs, grads)
             if r_tt is None:
                 t, b, q = a.shape[:3]
@@ -59,4 +78,4 @@ class Relevance(AttentionMethod):
                 r_ti = update if r_ti is None else r_ti + update
         if r_ti is None:
             raise ValueError("relevance needs at least one cross-attention layer")
-        return computed.to_grid(computed.read_rows(r_ti))
+        return r_ti
