@@ -13,8 +13,9 @@ from . import __version__, available_methods
 def _method_help(several: str = "") -> str:
     """--method's help: the registered methods (not a hard-coded list), "all", the default."""
     names = ", ".join(available_methods(pixel=True))
-    return (f"{names}; several separated by commas, or 'all' (every CAM method, from the same forward and "
-            f"backward pass{several}); default: the model's own default method")
+    return (f"{names}; several separated by commas, or 'all' (every method that applies to the model: the CAM "
+            f"methods from the same forward and backward pass{several}, plus attention-gradcam and relevance "
+            "for models that read the image through attention); default: the model's own default method")
 
 
 def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
@@ -75,10 +76,8 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     compare = _compare_method(captioner, args.compare_method, method)
     # every method, the compared one included, from one forward and backward pass (the report gets
     # a method switch)
-    if compare is not None:  # a list, so that "all" (not a name inside "all,hirescam") works too
-        from .engine.registry import method_names
-
-        method = [*method_names(method), compare]
+    if compare is not None:  # a list, so that "all" (every method that applies to the model) works too
+        method = list(dict.fromkeys([*captioner.method_choice(method), compare]))
     result = captioner.explain(pil, caption=args.caption, method=method, layer=args.layer,
                                counterfactual=args.counterfactual, beam_size=args.beam)
     _print_notice(result)

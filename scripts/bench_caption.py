@@ -2,6 +2,7 @@
 
     python scripts/bench_caption.py                 # BLIP-base-sized random model at 384 px + the default captioner
     python scripts/bench_caption.py --skip-blip     # only the default captioner
+    python scripts/bench_caption.py --skip-blip --method relevance   # or attention-gradcam, or a CAM method
 
 "One word" is a single target (one forward, one backward). "All words, batched" is our path:
 one forward and one batched backward for every word. "Per-word loop" is what tools without
@@ -20,7 +21,8 @@ from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.tasks import captioning
-from mmgradcam.tasks.captioning import word_targets
+from mmgradcam.engine.registry import is_attention_method
+from mmgradcam.tasks.captioning import word_readout, word_targets
 
 CAPTION = "a man in a red shirt rides a bike down the street"  # 11 words
 
@@ -56,29 +58,36 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
-def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int) -> None:
+def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, method: str = "gradcam") -> None:
     tokens = captioner.tokenize(caption)
     inputs, _ = captioner.preprocess(image)
     model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
     per_word, _ = word_targets(tokens, captioner.text_logits_from_end)
-    layer, options = captioner.resolve_layer(None), captioner.layer_options
+    layer, options = captioner.resolve_layer(None), dict(captioner.layer_options)
+    rows = model_inputs[getattr(captioner, "input_key", "input_ids")].shape[1]
+    if is_attention_method(method):  # the attention methods read the model's attention, not a layer
+        options["attention"] = captioner.attention_graph(model_inputs)
+
+    def run(targets):
+        extra = {"readout": word_readout(targets, rows)} if "attention" in options else {}
+        return mg.explain(captioner.model, model_inputs, targets, layer, method, **options, **extra).layer_maps
 
     def one_word():
-        return mg.explain(captioner.model, model_inputs, per_word[:1], layer, **options).layer_maps
+        return run(per_word[:1])
 
     def batched():
-        return mg.explain(captioner.model, model_inputs, per_word, layer, **options).layer_maps
+        return run(per_word)
 
     def loop():
-        return torch.cat([mg.explain(captioner.model, model_inputs, [t], layer, **options).layer_maps
-                          for t in per_word])
+        return torch.cat([run([t]) for t in per_word])
 
     one_word()  # warm-up
     t_one, _ = timed(one_word, repeats)
     t_batched, maps_batched = timed(batched, repeats)
     t_loop, maps_loop = timed(loop, repeats)
     difference = float((maps_batched - maps_loop).abs().max() / max(float(maps_loop.abs().max()), 1e-12))
-    print(f"\n{name}: {len(per_word)} words, layer {captioner.default_layer}, median of {repeats}")
+    where = "the attention layers" if "attention" in options else f"layer {captioner.default_layer}"
+    print(f"\n{name}: {method}, {len(per_word)} words, {where}, median of {repeats}")
     print(f"  one word's map         {t_one:8.2f} s")
     print(f"  all words, batched     {t_batched:8.2f} s   ({t_batched / t_one:.2f}x one word)")
     print(f"  all words, per-word loop {t_loop:6.2f} s   (batched is {t_loop / t_batched:.1f}x faster)")
@@ -89,19 +98,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-blip", action="store_true")
+    parser.add_argument("--method", default="gradcam", help="one method: a CAM method, attention-gradcam or relevance")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8"))
     print(f"{torch.get_num_threads()} threads")
     if not args.skip_blip:
         bench("BLIP-base-sized random BlipForConditionalGeneration (384 px)", blip_base_captioner(), image, CAPTION,
-              args.repeats)
+              args.repeats, args.method)
     default = captioning.load("default")
     from mmgradcam.data.shapes import make_image
 
     pixels, _, _ = make_image(3, seed=11)
     caption = default.generate(Image.fromarray(pixels))
-    bench("default captioner (128 px)", default, Image.fromarray(pixels), caption, args.repeats)
+    bench("default captioner (128 px)", default, Image.fromarray(pixels), caption, args.repeats, args.method)
 
 
 if __name__ == "__main__":

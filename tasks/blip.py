@@ -5,17 +5,20 @@ token of its output, so the patch tokens there carry gradient (unlike a CLS-only
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
 
 import torch
 from torch import nn
+
+from mmgradcam.engine.attention import AttentionGraph
 
 from mmgradcam.engine import preserved_state
 
 from .common import register_adapter
 from .geometry import ImageLike
-from .hf import HFAdapter, HFCaptioner, last_block_name
+from .hf import attention_modules, decoder_graph, HFAdapter, HFCaptioner, last_block_name
 from .vqa import VQAModel
 
 LAYER_REASON = "the vision encoder's last block: the text decoder cross-attends to all its patch tokens"
@@ -33,6 +36,11 @@ class BlipCaptioner(HFCaptioner):
 
     def _max_tokens(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """The text decoder's self-attention and its cross-attention to the ViT's tokens."""
+        return decoder_graph(self.model, self.model.text_decoder, self.model.config.vision_config,
+                             {"attention.self": "self", "crossattention.self": "cross"})
 
     def prepare_ids(self, ids, offsets, special):
         # BLIP decodes from [DEC] (the text config's BOS) in place of the tokenizer's [CLS]
@@ -131,6 +139,30 @@ class BlipVQA(HFAdapter, VQAModel):
         answer_ids, answer_mask, positions = self._answer_rows(answers)
         return ({**inputs, "answer_ids": answer_ids, "answer_mask": answer_mask},
                 [AnswerRowLogProb(i, p) for i, p in enumerate(positions)])
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """Two stages: the question encoder (self-attention, cross-attention to the ViT's tokens),
+        then the answer decoder (self-attention, cross-attention to the question's tokens)."""
+        question = {"attention.self": "self", "crossattention.self": "cross"}
+        graph = decoder_graph(self.blip, self.blip.text_encoder, self.blip.config.vision_config, question)
+        answer = attention_modules(self.blip.text_decoder, question)
+        for layer in answer:
+            layer.stage = 1
+        mask = inputs["attention_mask"][0].float()
+        graph.layers += answer
+        graph.stage_rows = mask / mask.sum()  # attention-gradcam: the question's tokens, as LAVIS's ITM map
+        return graph
+
+    def answer_readout(self, inputs: Mapping[str, torch.Tensor], targets: Sequence[Any]) -> torch.Tensor:
+        """Each candidate's map is read at the decoder positions that score its tokens."""
+        readout = torch.zeros(len(targets), 1, inputs["answer_ids"].shape[1])
+        for t, target in enumerate(targets):
+            positions = getattr(target, "positions", None)
+            if not positions:
+                raise ValueError("the attention methods explain answers (not a contrast) on BLIP VQA")
+            for pos, _ in positions:
+                readout[t, 0, pos] += 1.0 / len(positions)
+        return readout
 
     def answer_target(self, answer: str, score: str = "logit"):
         raise NotImplementedError("BLIP VQA targets depend on the candidate batch: use targets_for")

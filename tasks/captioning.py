@@ -18,7 +18,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine.explanation import Explanation
-from mmgradcam.engine.registry import MethodSpec, get_method, is_readout_method, method_names
+from mmgradcam.engine.registry import MethodSpec, get_method, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import logits_of
 
 from .common import Adapter, load_adapter, registered_adapters
@@ -96,6 +96,15 @@ def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens], text_logits_fr
                 for k in range(count)]
     whole = TokensLogProb([[pt for p in t.word_positions for pt in p] for t in batch], cache)
     return per_word, whole
+
+
+def word_readout(targets: Sequence[TokensLogProb], rows: int) -> torch.Tensor:
+    """(T, B, rows): target t reads its map from the text positions whose logits score it, equally
+    weighted (the attention methods' readout)."""
+    readout = torch.zeros(len(targets), targets[0].batch, rows)
+    for t, target in enumerate(targets):
+        readout[t].index_put_((target.owner, target.pos), torch.ones(len(target.pos)), accumulate=True)
+    return readout / readout.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 @dataclass
@@ -349,15 +358,20 @@ class Captioner(Adapter):
                 raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
         per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
         layer = self.resolve_layer(layer)
-        names = method_names(self.default_method if method is None else method)
+        names = self.method_choice(self.default_method if method is None else method)
         readout = [name for name in names if is_readout_method(name)]  # read by the task, not the engine
         exps = self._readout_explanations(readout, model_inputs, tokens, chosen, per_word + [whole]) if readout else {}
         engine_names = [name for name in names if name not in exps]
         if engine_names:
+            attention = {}
+            if any(is_attention_method(n) for n in engine_names):
+                attention = {"attention": self.attention_graph(model_inputs),
+                             "readout": word_readout(per_word + [whole],
+                                                     model_inputs[getattr(self, "input_key", "input_ids")].shape[1])}
             with self.forward_context():
                 exps.update(mg.explain(self.model, model_inputs, per_word + [whole], layer, engine_names,
                                        counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                                       **self.layer_options))
+                                       **self.layer_options, **attention))
         first = exps[names[0]]
         pixel = next((exps[n] for n in names if exps[n].pixel_maps is not None), None)
         results = []

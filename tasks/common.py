@@ -68,6 +68,33 @@ class Adapter:
         """Per-channel (mean, std) mapping [0, 1] pixels to the model's input values."""
         raise NotImplementedError
 
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> Any:
+        """The model's ``AttentionGraph`` (mmgradcam.engine.attention) for the attention methods
+        (attention-gradcam, relevance); None when the model has no attention to the image."""
+        return None
+
+    def method_choice(self, method: Any) -> list[str]:
+        """Canonical method names for a task call: "all" is every method that applies to this model
+        (the CAM methods, and the attention methods when it reads the image through attention); an
+        attention method on a model without attention is refused, naming the model."""
+        from mmgradcam.engine.registry import available_methods, is_attention_method, method_names
+
+        attention = available_methods(attention=True)
+        attention = [n for n in attention if is_attention_method(n)]
+        has_attention = type(self).attention_graph is not Adapter.attention_graph and self.has_attention()
+        if isinstance(method, str) and method.strip().lower() == "all":
+            return available_methods() + (attention if has_attention else [])
+        names = method_names(method)
+        refused = [n for n in names if is_attention_method(n)]
+        if refused and not has_attention:
+            usable = ", ".join(n for n in available_methods(pixel=True, attention=False))
+            raise ValueError(f"{', '.join(refused)} explain(s) a model through its attention to the image, and "
+                             f"{self.name!r} ({type(self.model).__name__}) has none; methods that apply to it: {usable}")
+        return names
+
+    def has_attention(self) -> bool:
+        return True
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Entered around every forward the adapter makes (ViLT records its patch index)."""
         return contextlib.nullcontext()

@@ -3,13 +3,15 @@ caption decoder or a question-attention VQA head. Trained on the shapes world by
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from mmgradcam.engine.attention import AttentionGraph, AttentionLayer, mha_pre_hook, mha_probabilities
 
 from . import checkpoints
 from .captioning import Captioner, CaptionTokens
@@ -187,6 +189,32 @@ class DefaultFamily:
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel (mean, std) mapping [0, 1] pixels to the model's input values."""
         return [0.5] * 3, [0.25] * 3  # geometry.to_tensor
+
+    def _decoder(self) -> nn.TransformerDecoder | None:
+        """The transformer decoder whose layers cross-attend to the grid tokens (None: FiLM)."""
+        decoder = getattr(self.model, "decoder", None) or getattr(self.model, "fusion", None)
+        return decoder if isinstance(decoder, nn.TransformerDecoder) else None
+
+    def has_attention(self) -> bool:
+        return self._decoder() is not None
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph | None:
+        """Every decoder layer's self-attention then its cross-attention to the grid tokens; torch's
+        layers call their attention with need_weights=False, so a pre-hook asks for the per-head
+        probabilities during the call (the hooks go when it ends)."""
+        decoder = self._decoder()
+        if decoder is None:
+            return None
+        layers = []
+        for block in decoder.layers:
+            layers.append(AttentionLayer(block.self_attn, "self", mha_probabilities, mha_pre_hook))
+            layers.append(AttentionLayer(block.multihead_attn, "cross", mha_probabilities, mha_pre_hook))
+        # the grid is the encoder's output size for these pixels (stride from the model, not assumed)
+        with torch.no_grad():
+            probe = torch.zeros(1, *inputs["pixel_values"].shape[1:], device=inputs["pixel_values"].device,
+                                dtype=inputs["pixel_values"].dtype)
+            grid = tuple(int(n) for n in self.model.encoder(probe).shape[-2:])
+        return AttentionGraph(layers, grid, slice(0, grid[0] * grid[1]))
 
     def letterbox(self, image: ImageLike) -> tuple[torch.Tensor, Letterbox]:
         """(1, 3, S, S) pixels and the geometry that maps the result back to the original image."""
@@ -402,6 +430,12 @@ class DefaultVQA(DefaultFamily, ClassifierVQA):
 
     def answer_key(self, answer: str) -> str:
         return answer.strip().lower()
+
+    def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier reads the answer token, row 0 before the question's words."""
+        rows = torch.zeros(inputs["input_ids"].shape[1] + 1)
+        rows[0] = 1.0
+        return rows
 
 
 def load_default(task: str, name: str | Path = "default") -> DefaultCaptioner | DefaultVQA:

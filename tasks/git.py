@@ -7,15 +7,18 @@ short side, center crop) leaves the area outside the crop unseen (``seen`` False
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmgradcam.engine.attention import AttentionGraph
 from mmgradcam.targets import logits_of
 
 from .common import register_adapter
-from .hf import HFCaptioner, last_block_name
+from .hf import attention_modules, eager_attention, vit_grid, HFCaptioner, last_block_name
 
 
 @register_adapter("captioning", model_type="git", model_class="GitForCausalLM")
@@ -36,6 +39,14 @@ class GitCaptioner(HFCaptioner):
         patch = int(self.model.config.vision_config.patch_size)
         h, w = (int(s) // patch for s in inputs["pixel_values"].shape[-2:])
         return logits[:, image_tokens - h * w:image_tokens], (h, w)
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """One sequence of image tokens (CLS, then the patch grid) and text tokens: every block's
+        self-attention is joint; the text rows start after the image tokens."""
+        grid = vit_grid(self.model.config.vision_config)
+        tokens = 1 + grid[0] * grid[1]
+        return AttentionGraph(attention_modules(self.model.git.encoder, {"attention.self": "joint"}), grid,
+                              slice(1, tokens), text_offset=tokens, context=partial(eager_attention, self.model))
 
     def _max_tokens(self) -> int:
         return int(self.model.config.max_position_embeddings)

@@ -6,8 +6,10 @@ Names no family: each family file registers its adapter classes with ``register_
 this module's loader finds them by the config's ``model_type`` or the model object's class."""
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from mmgradcam.engine import resolve_layer
+from mmgradcam.engine.attention import AttentionGraph, AttentionLayer
 
 from .captioning import Captioner, CaptionTokens
 from .common import Adapter, LoadRequest, register_loader, registered_adapters
@@ -274,3 +277,48 @@ def load_hf(request: LoadRequest) -> Adapter:
         image_processor = image_processor or from_pretrained(transformers.AutoImageProcessor, source,
                                                              request.trust_remote_code)
     return adapter(model, tokenizer, image_processor, name=name)
+
+
+# ----------------------------------------------------------------------------- attention methods
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """transformers' eager attention for the call (the one that returns its probabilities), every
+    sub-model's previous implementation restored after, also when an exception escapes."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+def attention_modules(root: nn.Module, kinds: Mapping[str, str]) -> list[AttentionLayer]:
+    """The modules under ``root`` whose dotted name ends with a key of ``kinds`` ("attention.self":
+    "self", "crossattention.self": "cross", ...), in module order (the order the forward runs them)."""
+    layers = []
+    for name, module in root.named_modules():
+        for suffix, kind in kinds.items():
+            if name == suffix or name.endswith("." + suffix):
+                layers.append(AttentionLayer(module, kind))
+                break
+    if not layers:
+        raise ValueError(f"no attention modules ending in {', '.join(kinds)} under {type(root).__name__}")
+    return layers
+
+
+def vit_grid(vision_config: Any) -> tuple[int, int]:
+    """(h, w) patch grid of a ViT-like vision config (image_size and patch_size from the model)."""
+    size, patch = vision_config.image_size, vision_config.patch_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+    return int(size[0]) // int(patch[0]), int(size[1]) // int(patch[1])
+
+
+def decoder_graph(model: nn.Module, decoder: nn.Module, vision_config: Any, kinds: Mapping[str, str]) -> AttentionGraph:
+    """A text decoder cross-attending to a ViT's tokens (CLS first, then the patch grid)."""
+    grid = vit_grid(vision_config)
+    return AttentionGraph(attention_modules(decoder, kinds), grid, slice(1, 1 + grid[0] * grid[1]),
+                          context=partial(eager_attention, model))

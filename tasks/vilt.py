@@ -11,13 +11,14 @@ grid through that index, recorded during the forward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgradcam.engine.attention import AttentionGraph, AttentionLayer
 from mmgradcam.engine.layouts import FunctionLayout
 from mmgradcam.targets import logits_of
 
@@ -35,6 +36,13 @@ class SigmoidLogProb:
 
     def __call__(self, output: Any) -> torch.Tensor:
         return F.logsigmoid(logits_of(output)[:, self.index])
+
+
+def _output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """ViltSelfAttention returns its probabilities only when asked (its third argument)."""
+    if len(args) >= 3:
+        return (*args[:2], True, *args[3:]), kwargs
+    return args, {**kwargs, "output_attentions": True}
 
 
 @register_adapter("vqa", model_type="vilt", model_class="ViltForQuestionAnswering")
@@ -88,6 +96,29 @@ class ViltVQA(HFAdapter, ClassifierVQA):
         expanded = index.reshape(*([1] * (lead - 1)), *index.shape, 1).expand(*shape[:-1], 1).expand_as(image)
         grid = grid.scatter(-2, expanded, image)  # a padded (repeated) patch lands on an existing cell
         return grid.reshape(*shape[:-2], h, w, shape[-1]).movedim(-1, lead)
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """ViLT is single-stream: text tokens, then the image CLS and the sampled patches, in one
+        self-attention per block (asked for its probabilities during the call). The patches sit on
+        the grid by the patch index recorded in ``forward_context``."""
+        text = int(inputs["input_ids"].shape[1])
+        layers = [AttentionLayer(m, "joint", pre_hook=_output_attentions)
+                  for m in self.model.vilt.encoder.modules() if type(m).__name__ == "ViltSelfAttention"]
+        return AttentionGraph(layers, self._grid, slice(text + 1, None), placement=self._patches_to_grid)
+
+    def _patches_to_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """(T, B, N) values of the sampled patches -> (T, B, h, w) on ViLT's patch grid."""
+        h, w = self._grid
+        index = (self._patch_index[..., 0] * w + self._patch_index[..., 1]).to(values.device)  # (B, N)
+        grid = values.new_zeros(*values.shape[:-1], h * w)
+        grid = grid.scatter(-1, index.expand_as(values), values)
+        return grid.reshape(*values.shape[:-1], h, w)
+
+    def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier reads the pooled first token ([CLS])."""
+        rows = torch.zeros(inputs["input_ids"].shape[1])
+        rows[0] = 1.0
+        return rows
 
     def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
         inputs, geometry = self.question_inputs(image, text, self.model.config.max_position_embeddings)

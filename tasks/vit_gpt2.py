@@ -5,12 +5,17 @@ Captions are fed as ``decoder_input_ids`` after the decoder start token.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+
+import torch
 from torch import nn
 
+from mmgradcam.engine.attention import AttentionGraph
+
 from .common import register_adapter
-from .hf import HFCaptioner, last_block_name
+from .hf import decoder_graph, HFCaptioner, last_block_name
 
 
 @register_adapter("captioning", model_type="vision-encoder-decoder", model_class="VisionEncoderDecoderModel")
@@ -28,6 +33,13 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
         # Swin encoders end on a (B, h*w, C) token map with no CLS: the engine's layout infers it
         if getattr(model.config.encoder, "model_type", "") == "swin":
             self.layer_options = {"prefix_tokens": 0}
+
+    def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
+        """GPT-2's self-attention and its cross-attention to the ViT encoder's tokens."""
+        if getattr(self.model.config.encoder, "model_type", "") == "swin":
+            raise ValueError("the attention methods need a ViT encoder (CLS + patch grid); this one is Swin")
+        return decoder_graph(self.model, self.model.decoder, self.model.config.encoder,
+                             {"attn": "self", "crossattention": "cross"})
 
     def _max_tokens(self) -> int:
         return int(getattr(self.model.config.decoder, "n_positions", None)

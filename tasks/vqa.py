@@ -19,7 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
-from mmgradcam.engine.registry import MethodSpec, is_readout_method, method_names
+from mmgradcam.engine.registry import MethodSpec, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
 from .common import Adapter, load_adapter, registered_adapters
@@ -185,17 +185,20 @@ class VQAModel(Adapter):
         inputs, targets = self.targets_for(inputs, answers + ([contrast] if contrast is not None else []), score)
         if contrast is not None:
             targets[-1] = Difference(targets[0], targets[-1])
-        names = method_names(self.default_method if method is None else method)
+        names = self.method_choice(self.default_method if method is None else method)
         readout = [name for name in names if is_readout_method(name)]
         if readout:  # no VQA family puts its image tokens in a language model's sequence (yet)
             able = sorted({r.family for r in registered_adapters("captioning")
                            if getattr(r.adapter, "image_tokens_in_text", False)})
             raise ValueError(f"method {readout[0]!r} is not available for VQA ({self.family!r}); it needs image tokens "
                              f"in the text sequence. Captioning families that support it: {', '.join(able)}")
+        attention = {}
+        if any(is_attention_method(n) for n in names):
+            attention = {"attention": self.attention_graph(inputs), "readout": self.answer_readout(inputs, targets)}
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                              **self.layer_options)
+                              **self.layer_options, **attention)
         count = len(answers)
 
         def split(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,6 +227,15 @@ class VQAModel(Adapter):
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+    def answer_readout(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any]) -> torch.Tensor:
+        """(T, 1, rows): where each target's map is read (one question: by default the same rows)."""
+        return self.answer_rows(inputs).reshape(1, 1, -1).expand(len(targets), 1, -1)
+
+    def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(text rows,) weights of the positions the answer is read from (the attention methods'
+        readout); a model with an ``attention_graph`` says which."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its answer is read from")
 
 
 class ClassifierVQA(VQAModel):

@@ -87,8 +87,10 @@ def test_caption_method_all_writes_every_methods_maps_from_one_pass(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "all" / "result.json").read_text())
     arrays = np.load(tmp_path / "all" / "maps.npz")
-    assert summary["methods"] == mg.available_methods() and summary["method"] == mg.available_methods()[0]
-    for name in mg.available_methods():
+    # "all": every method that applies to the model (the default captioner's decoder attends to the grid)
+    every = mg.available_methods() + ["attention-gradcam", "relevance"]
+    assert summary["methods"] == every and summary["method"] == mg.available_methods()[0]
+    for name in every:
         assert arrays[f"maps@{name}"].shape == (3, 128, 128)
     np.testing.assert_array_equal(arrays["maps"], arrays[f"maps@{summary['method']}"])
     assert not np.allclose(arrays["maps@gradcam"], arrays["maps@layercam"])
@@ -106,7 +108,7 @@ def test_caption_method_all_writes_every_methods_maps_from_one_pass(tmp_path):
 
     assert main(["caption", str(tmp_path / "img.png"), "--caption", caption, "--method", "all",
                  "--compare-method", "hirescam", "--out", str(tmp_path / "both")]) == 0
-    assert json.loads((tmp_path / "both" / "result.json").read_text())["methods"] == mg.available_methods()
+    assert json.loads((tmp_path / "both" / "result.json").read_text())["methods"] == every
 
 
 def test_vqa_several_methods_write_maps_per_method_and_a_method_switch(tmp_path):

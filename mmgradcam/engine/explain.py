@@ -15,7 +15,8 @@ from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
 from .layouts import FunctionLayout, Layout
-from .registry import CAMMethod, MethodSpec, ReadoutMethod, get_method, is_several, method_names
+from .attention import explain_attention
+from .registry import CAMMethod, MethodSpec, ReadoutMethod, get_method, is_attention_method, is_several, method_names
 from .state import preserved_state
 
 LayerSpec = nn.Module | str
@@ -51,6 +52,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             grid: tuple[int, int] | None = None, output_index: OutputIndex = None,
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
+            attention: Any = None, readout: torch.Tensor | None = None,
             ) -> Explanation | dict[str, Explanation] | list:
     """Explain T targets at ``layer`` from a single forward pass.
 
@@ -74,8 +76,28 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
         or ``last_hidden_state``).
     batched: "auto" (batched backward, loop fallback), True or False.
     input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
+    attention / readout: for the attention methods ("attention-gradcam", "relevance"): the model's
+        ``AttentionGraph`` and the (T, B, text rows) readout weights (the tasks build both); their
+        maps come from their own forward and batched backward over the attention probabilities,
+        ``layer`` is not used for them.
     """
     names = method_names(method)
+    attention_names = [n for n in names if is_attention_method(n)]
+    if attention_names:
+        if attention is None or readout is None:
+            raise ValueError(f"{', '.join(attention_names)} need the model's attention: pass attention="
+                             "AttentionGraph(...) and readout=(T, B, rows) weights, or use a task's explain "
+                             "(captioning / vqa), which builds them")
+        size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
+        found = explain_attention(model, inputs, targets, attention, readout, attention_names, batched=batched,
+                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size)
+        rest = [n for n in names if n not in found]
+        if rest:  # the CAM methods of the same call: their own pass at ``layer`` (a list gives a dict)
+            found.update(explain(model, inputs, targets, layer, rest, counterfactual=counterfactual, layout=layout,
+                                 prefix_tokens=prefix_tokens, grid=grid, output_index=output_index,
+                                 batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key))
+        ordered = {n: found[n] for n in names}
+        return ordered if is_several(method) else ordered[names[0]]
     requested = [get_method(name) for name in names]
     readout = [m.name for m in requested if isinstance(m, ReadoutMethod)]
     if readout:  # read from the forward by a task adapter (e.g. TAM through Captioner.explain for GIT)

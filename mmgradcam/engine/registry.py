@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-_REGISTRY: dict[str, "CAMMethod | PixelMethod"] = {}
+_REGISTRY: dict[str, "CAMMethod | PixelMethod | AttentionMethod"] = {}
 
 
 class CAMMethod:
@@ -63,6 +63,21 @@ class PixelMethod:
         raise NotImplementedError
 
 
+class AttentionMethod:
+    """A transformer-aware method: a map from the attention probabilities of every captured
+    attention layer and their gradients (``engine.attention.AttentionPass``), not from a layer's
+    activations. Applies only to models whose task describes their attention."""
+
+    name: str = ""
+
+    def layer_map(self, computed: Any) -> torch.Tensor:
+        """(T, B, h, w) signed map over the image-token grid."""
+        raise NotImplementedError
+
+    def layer_name(self, computed: Any) -> str:
+        return "attention"
+
+
 def register(cls: type) -> type:
     _REGISTRY[cls.name] = cls()
     return cls
@@ -72,7 +87,7 @@ def _canonical(name: str) -> str:
     return name.lower().replace("++", "pp").replace("-", "").replace("_", "").replace(" ", "")
 
 
-def get_method(name: str) -> CAMMethod | PixelMethod:
+def get_method(name: str) -> CAMMethod | PixelMethod | AttentionMethod:
     """The method called ``name`` ("gradcam", "Grad-CAM++", "gradcam_pp" ... all work)."""
     by_key = {_canonical(n): m for n, m in _REGISTRY.items()}
     if not isinstance(name, str) or _canonical(name) not in by_key:
@@ -80,10 +95,19 @@ def get_method(name: str) -> CAMMethod | PixelMethod:
     return by_key[_canonical(name)]
 
 
-def available_methods(pixel: bool = False) -> list[str]:
-    """The registered CAM methods (what "all" stands for); ``pixel=True`` adds the pixel-space
-    methods built on them (Guided Grad-CAM)."""
-    return sorted(n for n, m in _REGISTRY.items() if pixel or isinstance(m, CAMMethod))
+def available_methods(pixel: bool = False, attention: bool | None = None) -> list[str]:
+    """The registered CAM methods (what "all" stands for in ``mg.explain``); ``pixel=True`` adds
+    the pixel-space methods built on them (Guided Grad-CAM), the readout methods (TAM) and the attention methods
+    (attention-gradcam, relevance), which need a model whose task describes its attention;
+    ``attention`` (default: same as ``pixel``) includes or leaves out the attention methods."""
+    attention = pixel if attention is None else attention
+    return sorted(n for n, m in _REGISTRY.items()
+                  if isinstance(m, CAMMethod) or (pixel and isinstance(m, (PixelMethod, ReadoutMethod)))
+                  or (attention and isinstance(m, AttentionMethod)))
+
+
+def is_attention_method(name: str) -> bool:
+    return isinstance(get_method(name), AttentionMethod)
 
 
 def is_pixel_method(name: str) -> bool:

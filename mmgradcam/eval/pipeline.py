@@ -84,10 +84,10 @@ class Evaluation:
         """The methods explained for ``task`` ("captions" or "vqa"): ``config.method``, or the
         model's own default method when it is None (loading the model)."""
         if task not in self._methods:
-            spec = self.config.method
-            if spec is None:
-                spec = (self.captioner if task == "captions" else self.vqa).default_method
-            self._methods[task] = method_names(spec)
+            model = self.captioner if task == "captions" else self.vqa
+            spec = self.config.method if self.config.method is not None else model.default_method
+            # "all": every method that applies to the model (the attention methods where it has attention)
+            self._methods[task] = model.method_choice(spec)
         return self._methods[task]
 
     @property
