@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mmgradcam.data.shapes import COLORS, SHAPES, write_split
 from mmgradcam.eval import metrics
 from mmgradcam.eval.metrics import Metric, energy_inside, registered
-from mmgradcam.eval.pipeline import EvalConfig, Evaluation
+from mmgradcam.eval.pipeline import Evaluation
 from mmgradcam.eval.summary import summarize
-from test_eval_pipeline import ANSWERS, QUESTION_WORDS
-from tiny import tiny_captioner, tiny_vqa
+from tiny import tiny_eval_config
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "mmgradcam" / "eval"
@@ -35,14 +33,8 @@ def toy_run(tmp_path_factory):
     """A tiny eval (4 shapes-world images, captions, references and VQA) and its report, with the
     toy metric registered for the run only."""
     root = tmp_path_factory.mktemp("metric_table")
-    paths = write_split(root / "data", "test", 4, seed=5)
-    captioner = tiny_captioner(root / "captioner", favor=tuple(COLORS) + tuple(SHAPES) + ("a", "the"), seed=2)
-    vqa = tiny_vqa(root / "vqa", QUESTION_WORDS, ANSWERS)
+    config = tiny_eval_config(root, 4, references=True)
     out = root / "run"
-    config = EvalConfig(instances=str(paths["instances"]), images=str(paths["images"]), out=str(out),
-                        captions=str(paths["captions"]), questions=str(paths["questions"]),
-                        answers=str(paths["answers"]), model=str(captioner), vqa_model=str(vqa),
-                        method="gradcam,hirescam", batch_size=2, references=True)
     from mmgradcam.report.build import build_report
 
     with registered(TOY):

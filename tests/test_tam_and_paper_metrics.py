@@ -195,20 +195,12 @@ def test_tam_is_refused_where_image_tokens_are_not_in_the_text(tmp_path):
 
 # ----------------------------------------------------------------------------- a tiny eval run
 def test_a_tiny_eval_shows_the_paper_metrics(tmp_path):
-    from mmgradcam.data.shapes import COLORS, SHAPES, write_split
-    from mmgradcam.eval.pipeline import EvalConfig, Evaluation
+    from mmgradcam.eval.pipeline import Evaluation
     from mmgradcam.report.build import build_report
-    from test_eval_pipeline import ANSWERS, QUESTION_WORDS
-    from tiny import tiny_captioner, tiny_vqa
+    from tiny import tiny_eval_config
 
-    paths = write_split(tmp_path / "data", "test", 2, seed=5)
-    captioner = tiny_captioner(tmp_path / "captioner", favor=tuple(COLORS) + tuple(SHAPES) + ("a", "the"), seed=2)
-    answerer = tiny_vqa(tmp_path / "vqa", QUESTION_WORDS, ANSWERS)
+    config = tiny_eval_config(tmp_path, 2, perturbation_questions=2)
     out = tmp_path / "run"
-    config = EvalConfig(instances=str(paths["instances"]), images=str(paths["images"]), out=str(out),
-                        captions=str(paths["captions"]), questions=str(paths["questions"]),
-                        answers=str(paths["answers"]), model=str(captioner), vqa_model=str(answerer),
-                        method="gradcam,hirescam", batch_size=2, perturbation_questions=2)
     Evaluation(config, progress=False).run()
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert all(list(line["model"])[-2:] == ["obj_iou", "func_iou"] for line in lines if "model" in line)

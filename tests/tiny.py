@@ -38,3 +38,19 @@ def tiny_vqa(directory: Path, words, answers, image_size: int = 64, max_question
               "answers": list(answers)}
     checkpoints.save_model(build_vqa_model(config), config, directory)
     return directory
+
+
+def tiny_eval_config(root: Path, images: int, **options):
+    """A tiny shapes-world test split, a tiny captioner and VQA model, and an EvalConfig over them
+    (captions and VQA, Grad-CAM and HiResCAM, batch 2); ``options`` add or override config fields."""
+    from mmgradcam.data.shapes import write_split
+    from mmgradcam.eval.pipeline import EvalConfig
+    from test_eval_pipeline import ANSWERS, QUESTION_WORDS
+
+    paths = write_split(root / "data", "test", images, seed=5)
+    captioner = tiny_captioner(root / "captioner", favor=tuple(COLORS) + tuple(SHAPES) + ("a", "the"), seed=2)
+    answerer = tiny_vqa(root / "vqa", QUESTION_WORDS, ANSWERS)
+    fields = dict(instances=str(paths["instances"]), images=str(paths["images"]), out=str(root / "run"),
+                  captions=str(paths["captions"]), questions=str(paths["questions"]), answers=str(paths["answers"]),
+                  model=str(captioner), vqa_model=str(answerer), method="gradcam,hirescam", batch_size=2)
+    return EvalConfig(**(fields | options))
