@@ -8,7 +8,8 @@ and color word whose object is in the image is scored against the union mask of 
 objects of that shape (color). VQA: every question that refers to objects and that the model
 answers correctly, except "no" / "zero" answers, is scored with the map of its answer against the
 union mask of the objects it refers to. All CAM methods come from one forward and one backward pass
-per layer. Metrics: pointing at 0 px (the map's maximum inside the mask) and at 15 px (within 15 px
+per layer; the attention methods (attention-gradcam, relevance), which read no layer, are scored
+once (layer "attention") for models that read the image through attention. Metrics: pointing at 0 px (the map's maximum inside the mask) and at 15 px (within 15 px
 of it) and the share of the map's mass inside the mask, beside a center baseline. The default layer and method of a
 shipped model are chosen from this table on the val split (README, "Measured defaults").
 """
@@ -50,6 +51,24 @@ def candidate_layers(model: torch.nn.Module) -> list[str]:
     if hasattr(model, "fusion") and isinstance(model.fusion, torch.nn.ModuleList):
         names += ["project"] + [f"fusion.{k}" for k in range(len(model.fusion))]
     return names
+
+
+ATTENTION_ROW = "attention"
+
+
+def attention_methods(adapter) -> list[str]:
+    """The attention methods that apply to the model (none for FiLM VQA with a pooled readout)."""
+    every = adapter.method_choice("all")
+    return [m for m in every if m not in mg.available_methods()]
+
+
+def passes(adapter, layers: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(row label, layer, methods) per explain call: every CAM method at each layer, then the
+    attention methods once."""
+    calls = [(layer, layer, mg.available_methods()) for layer in layers]
+    if attention_methods(adapter):
+        calls.append((ATTENTION_ROW, layers[0], attention_methods(adapter)))
+    return calls
 
 
 class Tally:
@@ -101,7 +120,8 @@ def sweep_captioner(name: str, split: dict, images: list[dict], masks, objects, 
         infos = images[start:start + batch_size]
         pils = [Image.open(split["images_dir"] / info["file_name"]).convert("RGB") for info in infos]
         captions = captioner.generate_batch(pils)
-        by_layer = {layer: captioner.explain_batch(pils, captions, method="all", layer=layer) for layer in layers}
+        by_layer = {label: captioner.explain_batch(pils, captions, method=methods, layer=layer)
+                    for label, layer, methods in passes(captioner, layers)}
         for b, info in enumerate(infos):
             for j, word in enumerate(by_layer[layers[0]][b].words):
                 named = word_mask(word, objects[info["id"]], masks)
@@ -142,11 +162,11 @@ def sweep_vqa(name: str, split: dict, images: list[dict], masks, layers: list[st
         classes = ("VQA answers", f"VQA {annotation['question_type']}")
         for word_class in classes:
             tally.add(("-", "center", word_class), center_gaussian(mask.shape), mask, distance)
-        for layer in layers:
-            result = model.explain_prepared(inputs, geometry, question["question"], answer, method="all", layer=layer)
+        for label, layer, methods in passes(model, layers):
+            result = model.explain_prepared(inputs, geometry, question["question"], answer, method=methods, layer=layer)
             for method, (maps, _, _) in result.method_maps.items():
                 for word_class in classes:
-                    tally.add((layer, method, word_class), maps[0].numpy(), mask, distance)
+                    tally.add((label, method, word_class), maps[0].numpy(), mask, distance)
         if number % 100 == 0:
             print(f"vqa: question {number}", file=sys.stderr, flush=True)
     accuracy["accuracy"] = accuracy["correct"] / max(accuracy["questions"], 1)
@@ -166,10 +186,11 @@ def selection_score(cells: dict[str, dict], classes: tuple[str, ...]) -> float:
 
 
 def choose(rows: list[dict], classes: tuple[str, ...]) -> tuple[str, str] | None:
-    """The (layer, method) with the best selection score (None when nothing was scored)."""
+    """The (layer, method) with the best selection score (None when nothing was scored); a default
+    is a layer and a CAM method, so the attention methods' rows are shown beside, not chosen."""
     table = defaultdict(dict)
     for r in rows:
-        if r["layer"] != "-":
+        if r["layer"] not in ("-", ATTENTION_ROW):
             table[(r["layer"], r["method"])][r["class"]] = r
     scored = {key: selection_score(cells, classes) for key, cells in table.items()
               if all(c in cells for c in classes)}

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", choices=["attention", "film"], default="film",
                         help="film: question-conditioned residual convolutions over the grid (default); "
                              "attention: question tokens attending over the regions (the first shipped model)")
+    parser.add_argument("--readout", choices=["pool", "attention"], default="pool",
+                        help="FiLM only: read the answer from max+mean pooled regions (pool) or from a question "
+                             "query attending over the regions beside the mean (attention)")
     parser.add_argument("--dilations", default="1,2,4,8", help="FiLM blocks' dilations (one block each)")
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="keep that encoder fixed: its features are computed once and only the question "
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = checkpoints.read_config(args.init_encoder).get("encoder")
     config = {"task": "vqa", "family": "default", "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // 8,
               "dim": args.dim, "layers": args.layers, "heads": args.heads, "max_question": max_question,
-              "fusion": args.fusion, "dilations": [int(d) for d in args.dilations.split(",")], "encoder": encoder,
+              "fusion": args.fusion, "readout": args.readout, "dilations": [int(d) for d in args.dilations.split(",")], "encoder": encoder,
               "vocabulary": vocab.words, "answers": answer_list, "blank_images": args.blank_images,
               "trained_with": " ".join(sys.argv if argv is None else argv), "seed": args.seed}
     model = build_vqa_model(config)

@@ -195,20 +195,28 @@ class DefaultFamily:
         decoder = getattr(self.model, "decoder", None) or getattr(self.model, "fusion", None)
         return decoder if isinstance(decoder, nn.TransformerDecoder) else None
 
+    def _readout_attention(self) -> nn.MultiheadAttention | None:
+        """FiLM VQA's attention readout (a question query over the regions), if it has one."""
+        return getattr(self.model, "readout_attention", None)
+
     def has_attention(self) -> bool:
-        return self._decoder() is not None
+        return self._decoder() is not None or self._readout_attention() is not None
 
     def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph | None:
-        """Every decoder layer's self-attention then its cross-attention to the grid tokens; torch's
-        layers call their attention with need_weights=False, so a pre-hook asks for the per-head
-        probabilities during the call (the hooks go when it ends)."""
-        decoder = self._decoder()
-        if decoder is None:
+        """Every decoder layer's self-attention then its cross-attention to the grid tokens (or FiLM
+        VQA's one readout attention from the question query to the regions); torch's layers call
+        their attention with need_weights=False, so a pre-hook asks for the per-head probabilities
+        during the call (the hooks go when it ends)."""
+        decoder, readout = self._decoder(), self._readout_attention()
+        if decoder is None and readout is None:
             return None
         layers = []
-        for block in decoder.layers:
-            layers.append(AttentionLayer(block.self_attn, "self", mha_probabilities, mha_pre_hook))
-            layers.append(AttentionLayer(block.multihead_attn, "cross", mha_probabilities, mha_pre_hook))
+        if decoder is not None:
+            for block in decoder.layers:
+                layers.append(AttentionLayer(block.self_attn, "self", mha_probabilities, mha_pre_hook))
+                layers.append(AttentionLayer(block.multihead_attn, "cross", mha_probabilities, mha_pre_hook))
+        else:
+            layers.append(AttentionLayer(readout, "cross", mha_probabilities, mha_pre_hook))
         # the grid is the encoder's output size for these pixels (stride from the model, not assumed)
         with torch.no_grad():
             probe = torch.zeros(1, *inputs["pixel_values"].shape[1:], device=inputs["pixel_values"].device,
@@ -342,14 +350,16 @@ class FiLMAnswerNet(nn.Module):
     """Encoder + question-conditioned per-region features + a classifier on pooled regions.
 
     The question (a GRU over its words) sets the scale and shift of every channel of a stack of
-    residual convolutions over the 16x16 grid (with coordinate channels, for relations); the
-    answer is read from the max- and mean-pooled result. The gradient of an answer therefore
-    reaches the image through the features of the regions that carry it, not mainly through
-    attention keys. ``forward(pixel_values, input_ids, attention_mask=None) -> logits (B, A)``.
+    residual convolutions over the 16x16 grid (with coordinate channels, for relations). The
+    answer is read from the result either max- and mean-pooled (``readout="pool"``), so that the
+    gradient of an answer reaches the image through the features of the regions that carry it, or
+    (``readout="attention"``) through a question query attending over the regions beside the mean
+    (an attention readout that attention-gradcam and relevance can explain).
+    ``forward(pixel_values, input_ids, attention_mask=None) -> logits (B, A)``.
     """
 
     def __init__(self, vocab_size: int, num_answers: int, dim: int = 128, dilations: Sequence[int] = (1, 2, 4, 8),
-                 max_question: int = 16, encoder: dict | None = None):
+                 max_question: int = 16, encoder: dict | None = None, readout: str = "pool", heads: int = 4):
         super().__init__()
         self.encoder = ShapesEncoder(encoder)
         self.embed = nn.Embedding(vocab_size, dim)
@@ -358,6 +368,12 @@ class FiLMAnswerNet(nn.Module):
                                      nn.BatchNorm2d(dim), nn.ReLU())
         self.fusion = nn.ModuleList(FiLMBlock(dim, d) for d in dilations)
         self.film = nn.Linear(dim, 2 * dim * len(self.fusion))
+        if readout not in ("pool", "attention"):
+            raise ValueError(f"readout must be 'pool' or 'attention', got {readout!r}")
+        self.readout = readout
+        if readout == "attention":
+            self.query = nn.Linear(dim, dim)
+            self.readout_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.classifier = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, num_answers))
         self.max_question = max_question
 
@@ -381,17 +397,23 @@ class FiLMAnswerNet(nn.Module):
         xs = torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype)
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, -1, -1, -1)
         x = self.project(torch.cat([features, coords], dim=1))
-        film = self.film(self.encode_question(input_ids, attention_mask)).view(b, len(self.fusion), 2, -1)
+        question = self.encode_question(input_ids, attention_mask)
+        film = self.film(question).view(b, len(self.fusion), 2, -1)
         for k, block in enumerate(self.fusion):
             x = block(x, film[:, k, 0], film[:, k, 1])
-        return self.classifier(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1))
+        if self.readout == "pool":
+            return self.classifier(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1))
+        regions = x.flatten(2).transpose(1, 2)  # (B, h*w, dim), row-major like the grid
+        attended, _ = self.readout_attention(self.query(question)[:, None], regions, regions, need_weights=False)
+        return self.classifier(torch.cat([attended[:, 0], x.mean(dim=(2, 3))], dim=1))
 
 
 def build_vqa_model(config: dict) -> AnswerNet | FiLMAnswerNet:
     if config.get("fusion") == "film":
         return FiLMAnswerNet(len(config["vocabulary"]), len(config["answers"]), dim=config["dim"],
                              dilations=config["dilations"], max_question=config["max_question"],
-                             encoder=config.get("encoder"))
+                             encoder=config.get("encoder"), readout=config.get("readout", "pool"),
+                             heads=config.get("heads", 4))
     return AnswerNet(len(config["vocabulary"]), len(config["answers"]), dim=config["dim"], layers=config["layers"],
                      heads=config["heads"], max_question=config["max_question"], grid=config["grid"])
 
@@ -432,7 +454,10 @@ class DefaultVQA(DefaultFamily, ClassifierVQA):
         return answer.strip().lower()
 
     def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The classifier reads the answer token, row 0 before the question's words."""
+        """The classifier reads the answer token, row 0 before the question's words (FiLM's
+        attention readout has one row: the question query)."""
+        if self._readout_attention() is not None:
+            return torch.ones(1)
         rows = torch.zeros(inputs["input_ids"].shape[1] + 1)
         rows[0] = 1.0
         return rows

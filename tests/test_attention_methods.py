@@ -1,6 +1,6 @@
 """attention-gradcam and relevance (Chefer et al. 2021): closed-form relevance on hand-built attention
 models, batched equals looped, the caller's model left as it was, every family that reads the image
-through attention, the default captioner end to end (API and CLI), and the FiLM VQA refusal."""
+through attention, the default captioner end to end (API and CLI), FiLM VQA's attention readout and the refusal without one."""
 from __future__ import annotations
 
 import numpy as np
@@ -147,12 +147,62 @@ def test_hooks_removed_when_an_exception_escapes(default_captioner, shapes_image
     assert _hooks(model) == before
 
 
-def test_film_vqa_refuses_attention_methods(shapes_image):
-    model = vqa.load("default")
+def _film_vqa(readout: str):
+    """The shipped VQA model's config with the given readout and random weights."""
+    from mmgradcam.tasks import checkpoints
+    from tasks.default import DefaultVQA, build_vqa_model
+
+    config = {**checkpoints.read_config(checkpoints.packaged("vqa")), "readout": readout}
+    torch.manual_seed(0)
+    return DefaultVQA(build_vqa_model(config), config)
+
+
+def test_film_vqa_with_pooled_readout_refuses_attention_methods(shapes_image):
+    model = _film_vqa("pool")
     for method in ("relevance", "attention-gradcam"):
         with pytest.raises(ValueError, match=r"FiLMAnswerNet.*gradcam"):
             model.explain(shapes_image, "what color is the circle ?", method=method)
     assert "relevance" not in model.method_choice("all")
+
+
+def test_film_vqa_attention_readout_matches_hand_computation(shapes_image):
+    """One cross-attention from the question query to the 16x16 regions: relevance is
+    mean_h clamp(A * dA), attention-gradcam mean_h A * relu(dA); A recomputed here from the
+    module's own projections and dA taken with autograd on that copy."""
+    model = _film_vqa("attention")
+    attention = model.model.readout_attention
+    seen = {}
+    handle = attention.register_forward_hook(lambda m, args, out: seen.update(query=args[0], regions=args[1]))
+    answers = ["red", "blue"]
+    try:
+        result = model.explain(shapes_image, "what color is the circle ?", answer=answers,
+                               method="relevance,attention-gradcam")
+    finally:
+        handle.remove()
+    query, regions = seen["query"].detach(), seen["regions"].detach()
+    heads, dim = attention.num_heads, attention.embed_dim
+    w_q, w_k, w_v = attention.in_proj_weight.detach().split(dim)
+    b_q, b_k, b_v = attention.in_proj_bias.detach().split(dim)
+    q = (query @ w_q.T + b_q).view(1, 1, heads, -1).transpose(1, 2)
+    k = (regions @ w_k.T + b_k).view(1, -1, heads, dim // heads).transpose(1, 2)
+    v = (regions @ w_v.T + b_v).view(1, -1, heads, dim // heads).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1).requires_grad_(True)
+    attended = attention.out_proj((probs @ v).transpose(1, 2).reshape(1, 1, dim))
+    net = model.model
+    with torch.no_grad():  # the rest of the forward after the attention: the mean-pooled regions
+        mean = regions.mean(dim=1)
+    logits = net.classifier(torch.cat([attended[:, 0], mean], dim=1))
+    for t, answer in enumerate(answers):
+        grad, = torch.autograd.grad(logits[0, model.answers.index(answer)], probs, retain_graph=True)
+        relevance = (probs * grad).clamp(min=0).mean(dim=1)[0, 0].view(16, 16)
+        gradcam = (probs * grad.clamp(min=0)).mean(dim=1)[0, 0].view(16, 16)
+        assert torch.allclose(result.for_method("relevance").layer_maps[t], relevance.detach(), atol=1e-6)
+        assert torch.allclose(result.for_method("attention-gradcam").layer_maps[t], gradcam.detach(), atol=1e-6)
+        assert float(relevance.detach().max()) > 0
+    looped = [model.explain(shapes_image, "what color is the circle ?", answer=a, method="relevance")
+              for a in answers]
+    assert torch.allclose(torch.cat([r.layer_maps for r in looped]), result.for_method("relevance").layer_maps,
+                          atol=1e-6)
 
 
 @pytest.mark.parametrize("build", [hf_tiny.tiny_blip, hf_tiny.tiny_vit_gpt2, hf_tiny.tiny_git])

@@ -211,14 +211,14 @@ class StubCaptioner:
 
     def __init__(self):
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+        self.model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
 
     def explain_batch(self, images, captions=None, method=None, layer=None):
         results = []
         for image in images:
-            pixels = torch.from_numpy(np.asarray(image.convert("L").resize((4, 4)), dtype=np.float32))
+            pixels = torch.from_numpy(np.asarray(image.convert("L").resize((16, 16)), dtype=np.float32))
             with torch.no_grad():
-                from_weights = self.model(pixels.reshape(1, 16)).reshape(4, 4)
+                from_weights = self.model(pixels.reshape(1, 256)).reshape(16, 16)
             maps = {"gradcam": pixels[None].repeat(2, 1, 1), "hirescam": from_weights[None].repeat(2, 1, 1)}
             results.append(_Result("a circle", {name: maps[name] for name in method}))
         return results
@@ -227,10 +227,10 @@ class StubCaptioner:
 def test_randomization_flags_maps_that_survive_randomized_weights():
     images = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (8, 8, 3), dtype=np.uint8)) for k in range(3)]
     study = faithfulness.randomization_study(StubCaptioner(), images, method="gradcam,hirescam")
-    assert study["threshold"] == faithfulness.SANITY_THRESHOLD == 0.5
+    assert study["threshold"] == faithfulness.SANITY_THRESHOLD == 0.2
     edge, model = study["methods"]["gradcam"], study["methods"]["hirescam"]
     assert edge["final_mean_abs_spearman"] == pytest.approx(1.0) and edge["flagged"]
-    assert model["final_mean_abs_spearman"] < 0.5 and not model["flagged"]
+    assert model["final_mean_abs_spearman"] < faithfulness.SANITY_THRESHOLD and not model["flagged"]
     assert study["flagged"] == ["gradcam"] and study["stages"] == edge["stages"]
     # the flag reaches the method table and its markdown
     from mmgradcam.eval.summary import add_sanity_flags, method_table

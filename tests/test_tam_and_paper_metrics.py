@@ -216,6 +216,13 @@ def test_a_tiny_eval_shows_the_paper_metrics(tmp_path):
         assert "F1-IoU" in markdown
     html = build_report(out).read_text()
     assert "Obj-IoU" in html
+    # the perturbation table reaches the HTML page too, one row per method, numbers as in summary.json
+    section = html[html.index("Perturbation test per method"):]
+    section = section[:section.index("</table>")]
+    assert section.count("<tr>") == 1 + len(study["methods"])
+    hirescam = study["methods"]["hirescam"]
+    assert f"<td>hirescam</td><td>{hirescam['positive_auc_map']:.2f} / {hirescam['positive_auc_random']:.2f}</td>" \
+        in section
 
 
 def test_tam_through_the_eval_cli_on_a_git_directory(tmp_path):

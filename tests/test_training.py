@@ -84,6 +84,9 @@ def test_sweep_chooses_defaults_on_val_and_the_adapters_use_them(tiny_data, tmp_
     # the trunk's blocks and the layers after it were all swept, with every method
     swept = {(r["layer"], r["method"]) for r in rows["captioner"]["rows"]}
     assert {("encoder.layer2", m) for m in available_methods()} <= swept
+    # the attention methods read no layer: one row each, shown but never chosen as the default
+    assert {("attention", "relevance"), ("attention", "attention-gradcam")} <= swept
+    assert not any(r["method"] == "relevance" and r["layer"] != "attention" for r in rows["captioner"]["rows"])
     assert any(r["layer"].startswith("fusion.") for r in rows["vqa"]["rows"])
     # defaults are chosen on val only
     refused = run_script("sweep_localization.py", "--data", str(tiny_data), "--split", "train", "--limit", "2",
@@ -105,7 +108,10 @@ def test_sweep_choice_maximizes_strict_and_tolerant_pointing_plus_energy():
 
     rows = [row("a", "gradcam", "shape nouns", 0.3, 0.9, 0.3), row("a", "gradcam", "colors", 0.3, 0.9, 0.3),
             row("b", "hirescam", "shape nouns", 0.7, 0.8, 0.3), row("b", "hirescam", "colors", 0.7, 0.8, 0.3),
-            row("-", "center", "shape nouns", 1.0, 1.0, 1.0), row("-", "center", "colors", 1.0, 1.0, 1.0)]
+            row("-", "center", "shape nouns", 1.0, 1.0, 1.0), row("-", "center", "colors", 1.0, 1.0, 1.0),
+            row("attention", "relevance", "shape nouns", 1.0, 1.0, 1.0),
+            row("attention", "relevance", "colors", 1.0, 1.0, 1.0)]
     # b's peaks land inside the object more often: 0.6 beats 0.5 though a points near it more often
-    assert choose(rows, ("shape nouns", "colors")) == ("b", "hirescam")  # baselines never win
+    # (baselines and the layer-less attention methods are never chosen as a default layer + method)
+    assert choose(rows, ("shape nouns", "colors")) == ("b", "hirescam")
     assert selection_score({"x": rows[0]}, ("x",)) == pytest.approx(0.5)

@@ -31,7 +31,7 @@ from torch import nn
 STAGES = (0.25, 0.5, 0.75, 1.0)
 # mean |Spearman rho| with the trained model's maps at 100% randomization from which a method's
 # maps are said to ignore the weights (Adebayo et al. call such maps "edge detectors")
-SANITY_THRESHOLD = 0.5
+SANITY_THRESHOLD = 0.2
 
 
 def _method_list(captioner, method) -> list[str]:

@@ -243,6 +243,12 @@ def _studies_markdown(summary: dict) -> list[str]:
     return out
 
 
+def study_markdown(summary: dict) -> list[str]:
+    """TAM's metrics, the perturbation test and the sanity / faithfulness studies as markdown
+    lines (summary.md; the HTML report renders the same lines)."""
+    return _f1_markdown(summary) + _perturbation_markdown(summary) + _studies_markdown(summary)
+
+
 def markdown_tables(summary: dict) -> str:
     """The method table, then tables per word class and per category (first method): model
     against both baselines, 95% bootstrap CIs."""
@@ -252,9 +258,7 @@ def markdown_tables(summary: dict) -> str:
            f"{summary['answers_scored']} scored answers, {len(summary['skipped'])} skipped items. "
            "Percentages with 95% bootstrap CIs.\n"]
     out += _method_markdown(summary)
-    out += _f1_markdown(summary)
-    out += _perturbation_markdown(summary)
-    out += _studies_markdown(summary)
+    out += study_markdown(summary)
     for source, classes in summary["captions"].items():
         out.append(f"\n## Caption words ({source}{', ' + first if first else ''})\n")
         out.append("| words | n | metric | model | center baseline | random baseline |\n|---|---:|---|---|---|---|")

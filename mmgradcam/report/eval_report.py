@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mmgradcam.eval.metrics import COMPACT, RANK_BY, WORDS, get_metric, metric_keys
+from mmgradcam.eval.summary import study_markdown
 
 from .html import _page, esc, heatmap_uri, png_data_uri
 
@@ -156,7 +157,8 @@ def eval_page(out: Path, max_images: int = MAX_IMAGE_VIEWS) -> str:
     body = (f"<h1>Evaluation</h1><p>{summary['images']} images, {summary['words_scored']} scored words, "
             f"{summary['answers_scored']} scored answers, model {esc(run.get('model'))}, method {esc(method)}"
             f" (the words, categories and image views below; every method in the first table)."
-            f" Click a column header to sort; image ids link to their views.</p>{methods}<h2>Categories</h2>{categories}"
+            f" Click a column header to sort; image ids link to their views.</p>{methods}"
+            f"{markdown_sections_html(study_markdown(summary))}<h2>Categories</h2>{categories}"
             f"<h2>Scored words and answers</h2>{table}<h2>Images</h2>{''.join(sections)}")
     return _page("mmgradcam evaluation", body, {"views": views}, (256, 256))
 
@@ -192,3 +194,36 @@ def _method_table_html(summary: dict) -> str:
             "<table class='sortable' id='methods'><thead><tr><th>words</th><th>method</th><th>n</th>"
             + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>")
+
+
+def markdown_sections_html(lines: list[str]) -> str:
+    """The summary's markdown sections (``## heading``, a paragraph, a pipe table) as HTML, so that
+    summary.md and report.html show the same study tables from one source."""
+    html, rows = [], []
+
+    def inline(text: str) -> str:
+        parts = esc(text).split("**")
+        return "".join(f"<b>{part}</b>" if k % 2 else part for k, part in enumerate(parts))
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], rows[1:]
+            html.append("<table class='sortable'><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head)
+                        + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row)
+                                                           + "</tr>" for row in body) + "</tbody></table>")
+            rows.clear()
+
+    for line in "\n".join(lines).splitlines():
+        line = line.strip()
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):  # the header rule
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            html.append(f"<h2>{inline(line[3:])}</h2>")
+        elif line:
+            html.append(f"<p class='muted'>{inline(line)}</p>")
+    flush()
+    return "".join(html)
