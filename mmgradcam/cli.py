@@ -71,7 +71,7 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     from .tasks.geometry import load_image
 
     pil = load_image(image, what="IMAGE")
-    captioner = captioning.load(args.model)
+    captioner = captioning.load(args.model, **_placement(args))
     method = args.method or captioner.default_method
     compare = _compare_method(captioner, args.compare_method, method)
     # every method, the compared one included, from one forward and backward pass (the report gets
@@ -114,7 +114,20 @@ def _write_html(out: Path, common_scale: bool = False) -> None:
     print(f"wrote {build_report(out, common_scale=common_scale)}")
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (CUDA, else Apple MPS, else the CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the forward's precision (autocast; maps are computed in float32)")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """load()'s device and dtype from the command line."""
+    return {"device": args.device, "dtype": args.dtype}
+
+
 def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    _add_device_options(parser)
     parser.add_argument("--model", default="default", help="'default', a model directory (or HF id)")
     parser.add_argument("--method", default=None,
                         help=_method_help("; maps@METHOD in maps.npz, a method switch in the report"))
@@ -146,7 +159,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     from .tasks.geometry import load_image
 
     pil = load_image(args.image, what="IMAGE")
-    model = vqa.load(args.model)
+    model = vqa.load(args.model, **_placement(args))
     result = model.explain(pil, args.question, answer=args.answer or None, top_k=args.top_k, method=args.method,
                            counterfactual=args.counterfactual, contrast=args.contrast, score=args.score,
                            layer=args.layer)
@@ -209,7 +222,7 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     if args.question:
         from .tasks import vqa
 
-        model = vqa.load(args.model)
+        model = vqa.load(args.model, **_placement(args))
         answer = args.answer or model.answer(pil, args.question, top_k=1)[0][0]
         mask = _mask_for(args, Path(args.image), args.question.split())
         result = attack_vqa_answer(model, pil, args.question, answer, args.to, eps=eps, steps=args.steps, mask=mask,
@@ -218,7 +231,7 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     else:
         from .tasks import captioning
 
-        captioner = captioning.load(args.model)
+        captioner = captioning.load(args.model, **_placement(args))
         caption = args.caption or captioner.generate(pil)
         if not args.word:
             raise ValueError("name the caption word to change with --word (or a --question for VQA)")
@@ -255,7 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .tasks.geometry import load_image
 
     pil = load_image(args.image, what="IMAGE")
-    first, second = captioning.load(args.model_a), captioning.load(args.model_b)
+    first, second = captioning.load(args.model_a, **_placement(args)), captioning.load(args.model_b, **_placement(args))
     caption = args.caption or first.generate(pil)
     print(f"{args.model_a}: {first.generate(pil)}\n{args.model_b}: {second.generate(pil)}\nexplaining: {caption}")
     # every method of a model from one pass; one row of the grid per model and method
@@ -290,11 +303,11 @@ def cmd_dissect(args: argparse.Namespace) -> int:
     if args.vqa:
         from .tasks import vqa
 
-        adapter = vqa.load(args.model)
+        adapter = vqa.load(args.model, **_placement(args))
     else:
         from .tasks import captioning
 
-        adapter = captioning.load(args.model)
+        adapter = captioning.load(args.model, **_placement(args))
     data = CocoData.load(args.instances, args.images)
     ids = sorted(data.images)[:args.limit] if args.limit else sorted(data.images)
     result = dissect(adapter, data, ids, args.layer, quantile=args.quantile)
@@ -364,8 +377,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         references=args.references, synonyms=str(args.synonyms) if args.synonyms else None,
         sanity_images=args.sanity_images, faithfulness_images=args.faithfulness_images, seed=args.seed,
         skip_captions=args.captions is None, function_words=not args.no_function_words,
-        perturbation_questions=args.perturbation_questions,
+        perturbation_questions=args.perturbation_questions, device=args.device,
+        dtype=None if args.dtype == "float32" else args.dtype,
     )
+    from .engine.device import resolve_device
+
+    resolve_device(config.device)  # a device that is not there fails before any data is read
     summary = run_eval(config, progress=not args.quiet)
     if summary is not None:  # rank 0 (the only process outside torchrun)
         print((Path(args.out) / "summary.md").read_text())
@@ -422,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--explain-text", action="store_true", help="name the channels each answer rests on")
     ask.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[])
     ask.add_argument("--out", type=Path, default=Path("out/vqa"))
+    _add_device_options(ask)
     ask.set_defaults(func=cmd_vqa)
 
     demo = commands.add_parser("demo", help="render a shapes-world image and explain its caption")
@@ -456,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
     evaluate.add_argument("--out", type=Path, required=True)
+    _add_device_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     dissection = commands.add_parser("dissect", help="name a layer's channels by the concepts they detect")
@@ -468,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     dissection.add_argument("--quantile", type=float, default=0.99)
     dissection.add_argument("--min-iou", type=float, default=0.04)
     dissection.add_argument("--out", type=Path, default=Path("out/dissect"))
+    _add_device_options(dissection)
     dissection.set_defaults(func=cmd_dissect)
 
     attack = commands.add_parser("adversarial", help="targeted PGD on a caption word or VQA answer, then maps")
@@ -484,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--instances", type=Path, default=None, help="COCO instances describing IMAGE (for scoring)")
     attack.add_argument("--images", type=Path, default=None)
     attack.add_argument("--out", type=Path, default=Path("out/adversarial"))
+    _add_device_options(attack)
     attack.set_defaults(func=cmd_adversarial)
 
     compare = commands.add_parser("compare", help="two captioners' word maps side by side on one image")
@@ -494,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--word", action="append", default=[], help="only these words (repeatable)")
     compare.add_argument("--method", default=None, help=_method_help("; one row per model and method"))
     compare.add_argument("--out", type=Path, default=Path("out/compare"))
+    _add_device_options(compare)
     compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="write report.html for a caption, vqa or eval result directory")

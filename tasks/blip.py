@@ -128,10 +128,10 @@ class BlipVQA(HFAdapter, VQAModel):
         positions = [[(t - 1, r[t]) for t in range(1, len(r)) if r[t] not in specials] for r in rows]
         length = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
-        answer_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        answer_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        answer_ids = torch.full((len(rows), length), pad, dtype=torch.long, device=self.device)
+        answer_mask = torch.zeros((len(rows), length), dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
-            answer_ids[i, :len(r)] = torch.tensor(r)
+            answer_ids[i, :len(r)] = torch.tensor(r, device=self.device)
             answer_mask[i, :len(r)] = 1
         return answer_ids, answer_mask, positions
 
@@ -155,7 +155,7 @@ class BlipVQA(HFAdapter, VQAModel):
 
     def answer_readout(self, inputs: Mapping[str, torch.Tensor], targets: Sequence[Any]) -> torch.Tensor:
         """Each candidate's map is read at the decoder positions that score its tokens."""
-        readout = torch.zeros(len(targets), 1, inputs["answer_ids"].shape[1])
+        readout = torch.zeros(len(targets), 1, inputs["answer_ids"].shape[1], device=inputs["answer_ids"].device)
         for t, target in enumerate(targets):
             positions = getattr(target, "positions", None)
             if not positions:
@@ -171,15 +171,15 @@ class BlipVQA(HFAdapter, VQAModel):
         """exp(sum of the answer tokens' log-probabilities) for each answer."""
         base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
         full, targets = self.targets_for(base, answers, "logprob")
-        with torch.no_grad(), preserved_state(self.model):
-            logits = self.model(**full)
+        with torch.no_grad(), preserved_state(self.model), self.forward_context():
+            logits = self.model(**self.to_device(full))
         return [float(torch.exp(t(logits))) for t in targets]
 
     def ranked_answers(self, inputs, top_k: int) -> list[tuple[str, float]]:
         """Beam-searched candidate answers, ranked by their teacher-forced probability."""
-        base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
+        base = self.to_device({k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")})
         beams = max(top_k, 1)
-        with torch.no_grad(), preserved_state(self.blip):
+        with torch.no_grad(), preserved_state(self.blip), self.forward_context():
             ids = self.blip.generate(input_ids=base["input_ids"], attention_mask=base["attention_mask"],
                                      pixel_values=base["pixel_values"], num_beams=beams, num_return_sequences=beams,
                                      max_new_tokens=self.max_answer_tokens)

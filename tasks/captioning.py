@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import mmgradcam as mg
+from mmgradcam.engine.device import DeviceSpec, DtypeSpec
 from mmgradcam.engine.explanation import Explanation
 from mmgradcam.engine.registry import MethodSpec, get_method, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import logits_of
@@ -67,12 +68,14 @@ class TokensLogProb:
     ``positions[b]``, a list of (logit position, token id) -> (B,). A sample with an empty list
     scores 0 (nothing to explain for it: its map is empty)."""
 
-    def __init__(self, positions: Sequence[Sequence[tuple[int, int]]], log_softmax: LogSoftmaxCache | None = None):
+    def __init__(self, positions: Sequence[Sequence[tuple[int, int]]], log_softmax: LogSoftmaxCache | None = None,
+                 device: torch.device | str = "cpu"):
         rows = [(b, pos, tok) for b, sample in enumerate(positions) for pos, tok in sample]
         if not rows:
             raise ValueError("a word target needs at least one token position")
         self.batch = len(positions)
-        self.owner, self.pos, self.tok = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+        self.owner, self.pos, self.tok = (torch.tensor(column, dtype=torch.long, device=device)
+                                          for column in zip(*rows))
         self.log_softmax = log_softmax or LogSoftmaxCache()
 
     def __call__(self, output: Any) -> torch.Tensor:
@@ -85,25 +88,27 @@ class TokensLogProb:
 
 
 def word_targets(tokens: CaptionTokens | Sequence[CaptionTokens], text_logits_from_end: bool = False,
-                 selected: Sequence[Sequence[int]] | None = None) -> tuple[list[TokensLogProb], TokensLogProb]:
+                 selected: Sequence[Sequence[int]] | None = None, device: torch.device | str = "cpu",
+                 ) -> tuple[list[TokensLogProb], TokensLogProb]:
     """Target k scores the k-th selected word of every caption (all words by default), and the
-    whole-caption target sums all words."""
+    whole-caption target sums all words; their index tensors live on ``device`` (the model's)."""
     batch = [tokens] if isinstance(tokens, CaptionTokens) else list(tokens)
     cache = LogSoftmaxCache(max(t.input_ids.shape[1] for t in batch) if text_logits_from_end else None)
     chosen = [list(range(len(t.word_positions))) for t in batch] if selected is None else [list(s) for s in selected]
     count = max(len(c) for c in chosen)
-    per_word = [TokensLogProb([t.word_positions[c[k]] if k < len(c) else [] for t, c in zip(batch, chosen)], cache)
-                for k in range(count)]
-    whole = TokensLogProb([[pt for p in t.word_positions for pt in p] for t in batch], cache)
+    per_word = [TokensLogProb([t.word_positions[c[k]] if k < len(c) else [] for t, c in zip(batch, chosen)], cache,
+                              device) for k in range(count)]
+    whole = TokensLogProb([[pt for p in t.word_positions for pt in p] for t in batch], cache, device)
     return per_word, whole
 
 
 def word_readout(targets: Sequence[TokensLogProb], rows: int) -> torch.Tensor:
     """(T, B, rows): target t reads its map from the text positions whose logits score it, equally
     weighted (the attention methods' readout)."""
-    readout = torch.zeros(len(targets), targets[0].batch, rows)
+    device = targets[0].owner.device
+    readout = torch.zeros(len(targets), targets[0].batch, rows, device=device)
     for t, target in enumerate(targets):
-        readout[t].index_put_((target.owner, target.pos), torch.ones(len(target.pos)), accumulate=True)
+        readout[t].index_put_((target.owner, target.pos), torch.ones(len(target.pos), device=device), accumulate=True)
     return readout / readout.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
@@ -228,7 +233,7 @@ class Captioner(Adapter):
         logits = logits.float()
         out = {}
         for name in names:
-            layer_maps = torch.zeros((len(targets), len(tokens), h, w))
+            layer_maps = logits.new_zeros((len(targets), len(tokens), h, w))
             for b, (t, c) in enumerate(zip(tokens, chosen)):
                 # a word's raw map: its tokens' logits at every image token
                 raw = torch.stack([sum(logits[b, :, tok] for _, tok in positions) if positions
@@ -236,7 +241,7 @@ class Captioner(Adapter):
                 word_maps = get_method(name).maps(raw)
                 layer_maps[:len(c), b] = word_maps[c]
                 layer_maps[-1, b] = word_maps.mean(dim=0)
-            out[name] = Explanation(layer_maps=layer_maps, signed_layer_maps=layer_maps, activations=torch.empty(0),
+            out[name] = Explanation(layer_maps=layer_maps, signed_layer_maps=layer_maps, activations=logits.new_empty(0),
                                     gradients=None, scores=scores, input_size=tuple(model_inputs["pixel_values"].shape[-2:]),
                                     method=name, layer_name="LM head at the image tokens")
         return out
@@ -270,11 +275,13 @@ class Captioner(Adapter):
     def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         """Batch the text inputs: right-pad ``input_ids`` (with ``pad_id``) and the extra inputs (0)."""
         length = max(t.input_ids.shape[1] for t in tokens)
-        batch = {"input_ids": torch.full((len(tokens), length), self.pad_id, dtype=torch.long)}
+        device = self.device
+        batch = {"input_ids": torch.full((len(tokens), length), self.pad_id, dtype=torch.long, device=device)}
         for row, t in enumerate(tokens):
             batch["input_ids"][row, :t.input_ids.shape[1]] = t.input_ids[0]
             for key, value in t.extra_inputs.items():
-                batch.setdefault(key, torch.zeros((len(tokens), length), dtype=value.dtype))[row, :value.shape[1]] = value[0]
+                batch.setdefault(key, torch.zeros((len(tokens), length), dtype=value.dtype, device=device)
+                                 )[row, :value.shape[1]] = value[0]
         return batch
 
     def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
@@ -288,7 +295,7 @@ class Captioner(Adapter):
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
             per_word, _ = word_targets(tokens, self.text_logits_from_end)
             with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
-                output = self.model(**self.batch_inputs(pixels, tokens))
+                output = self.model(**self.to_device(self.batch_inputs(pixels, tokens)))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
         return scores
@@ -356,7 +363,8 @@ class Captioner(Adapter):
         for t, c in zip(tokens, chosen):
             if any(not 0 <= j < len(t.words) for j in c):
                 raise IndexError(f"select chose word indices {c} for a caption of {len(t.words)} words")
-        per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen)
+        model_inputs = self.to_device(model_inputs)
+        per_word, whole = word_targets(tokens, self.text_logits_from_end, chosen, device=self.device)
         layer = self.resolve_layer(layer)
         names = self.method_choice(self.default_method if method is None else method)
         readout = [name for name in names if is_readout_method(name)]  # read by the task, not the engine
@@ -372,13 +380,14 @@ class Captioner(Adapter):
                 exps.update(mg.explain(self.model, model_inputs, per_word + [whole], layer, engine_names,
                                        counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                                        **self.layer_options, **attention))
+        exps = {name: exp.results_on("cpu") for name, exp in exps.items()}  # results: CPU, float32
         first = exps[names[0]]
         pixel = next((exps[n] for n in names if exps[n].pixel_maps is not None), None)
         results = []
         for b, (geometry, t, c) in enumerate(zip(geometries, tokens, chosen)):
             n, k = len(t.words), len(c)
             # word j's rows: the k selected words are the first k targets; the rest stay empty
-            order = torch.tensor(c, dtype=torch.long)
+            order = torch.tensor(c, dtype=torch.long, device="cpu")
 
             def per_word_rows(rows: torch.Tensor) -> torch.Tensor:
                 out = rows.new_zeros((n, *rows.shape[1:]))
@@ -392,7 +401,7 @@ class Captioner(Adapter):
                 method_maps[name] = (per_word_rows(image_maps), per_word_rows(exp.layer_maps[:, b]),
                                      image_maps[-1])
             scores = first.scores[:, b]
-            logprobs = torch.full((n,), float("nan"))
+            logprobs = torch.full((n,), float("nan"), device="cpu")
             logprobs[order] = scores[:k].float()
             # ``maps`` are the first method's CAM maps (for a pixel-space method, those it refines)
             if first.pixel_maps is None:
@@ -413,10 +422,16 @@ class Captioner(Adapter):
 
 
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
-         image_processor: Any = None, trust_remote_code: bool = False) -> Captioner:
+         image_processor: Any = None, trust_remote_code: bool = False, device: DeviceSpec = "auto",
+         dtype: DtypeSpec = None) -> Captioner:
     """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
     model id or save_pretrained directory, or a transformers model object with its processor (any
     family registered for captioning; README lists them). ``trust_remote_code`` stays off unless
-    you turn it on."""
+    you turn it on.
+
+    device: "auto" (CUDA, else Apple MPS, else the CPU), "cpu", "cuda", "cuda:1", "mps"; a model
+    object stays on its device unless one is named. dtype: None / "float32", "bfloat16" or
+    "float16": the forwards run under autocast in that precision (the weights are not cast); maps
+    and scores come back on the CPU in float32."""
     return load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, device=device, dtype=dtype)

@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 
 from mmgradcam.engine import resolve_layer
+from mmgradcam.engine.device import (DeviceSpec, DtypeSpec, autocast, module_device, resolve_device, resolve_dtype,
+                                     to_device)
 
 TASKS = ("captioning", "vqa")
 
@@ -95,9 +97,31 @@ class Adapter:
     def has_attention(self) -> bool:
         return True
 
+    # the forward's autocast dtype (None: float32); set by ``place`` (``load(..., dtype=)``)
+    dtype: torch.dtype | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on: inputs go there, maps come back on the CPU."""
+        return module_device(self.model)
+
+    def place(self, device: DeviceSpec = "auto", dtype: DtypeSpec = None) -> "Adapter":
+        """Move the model to ``device`` ("auto": CUDA, else MPS, else the CPU) and run its forwards
+        in ``dtype`` (autocast; None / "float32" for full precision). Returns self."""
+        target = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        if self.device != target:
+            self.model.to(target)
+        return self
+
+    def to_device(self, inputs: Any) -> Any:
+        """Input tensors moved to the model's device (preprocessing runs on the CPU)."""
+        return to_device(inputs, self.device)
+
     def forward_context(self) -> contextlib.AbstractContextManager:
-        """Entered around every forward the adapter makes (ViLT records its patch index)."""
-        return contextlib.nullcontext()
+        """Entered around every forward the adapter makes: the forward's precision (autocast when a
+        dtype was chosen); families add their own state on top (ViLT records its patch index)."""
+        return autocast(self.device, self.dtype)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -167,15 +191,22 @@ def registered_adapters(task: str) -> list[Registration]:
 
 
 def load_adapter(task: str, name: str | Path | nn.Module, processor: Any = None, *, tokenizer: Any = None,
-                 image_processor: Any = None, trust_remote_code: bool = False) -> Adapter:
+                 image_processor: Any = None, trust_remote_code: bool = False, device: DeviceSpec = "auto",
+                 dtype: DtypeSpec = None) -> Adapter:
     """The adapter for ``task`` ("captioning" or "vqa") from the first registered loader that
-    accepts ``name`` (a shipped model's name, a directory, a hub id or a model object)."""
+    accepts ``name`` (a shipped model's name, a directory, a hub id or a model object), its model
+    on ``device`` with forwards in ``dtype`` (``Adapter.place``). A model object given with
+    device="auto" stays where it is: only an explicit device moves the caller's model."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    # a bad device or dtype fails before any model is read
+    chosen = resolve_device(device)
+    resolve_dtype(dtype)
     request = LoadRequest(task, name, processor, tokenizer, image_processor, trust_remote_code)
     for _, _, loader in _LOADERS:
         adapter = loader(request)
         if adapter is not None:
-            return adapter
+            keep = isinstance(name, nn.Module) and (device is None or str(device).strip().lower() == "auto")
+            return adapter.place(adapter.device if keep else chosen, dtype)
     raise ValueError(f"no registered model family loads {name!r} for {task} "
                      f"(loaders: {', '.join(n for _, n, _ in _LOADERS) or 'none'})")

@@ -253,7 +253,7 @@ class DefaultCaptioner(DefaultFamily, Captioner):
         ids = self.vocab.encode(tokens, what=f"caption {caption!r}")
         if len(ids) + 1 > self.max_tokens:
             raise ValueError(f"caption has {len(ids)} words and marks; the model's limit is {self.max_tokens - 1}")
-        input_ids = torch.tensor([[self.vocab.bos_id] + ids])
+        input_ids = torch.tensor([[self.vocab.bos_id] + ids], device=self.device)
         # the logit at position i predicts input token i + 1
         words = [(t, [(i, ids[i])]) for i, t in enumerate(tokens) if is_word(t)]
         return CaptionTokens(input_ids=input_ids, words=[w for w, _ in words],
@@ -270,7 +270,8 @@ class DefaultCaptioner(DefaultFamily, Captioner):
 
     def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
                              max_words: int | None = None) -> list[str]:
-        with torch.no_grad():
+        pixel_values = self.to_device(pixel_values)
+        with torch.no_grad(), self.forward_context():
             if beam_size > 1:
                 return [join_words(self.vocab.decode(self.model.beam(p[None], self.vocab.bos_id, self.vocab.eos_id,
                                                                      beam_size, max_words))) for p in pixel_values]
@@ -443,7 +444,7 @@ class DefaultVQA(DefaultFamily, ClassifierVQA):
         ids = self.vocab.encode(tokens, what=f"question {question!r}", unknown="warn")
         if len(ids) > self.model.max_question:
             raise ValueError(f"question has {len(ids)} words and marks; the model's limit is {self.model.max_question}")
-        return torch.tensor([ids])
+        return torch.tensor([ids], device=self.device)
 
     def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], Letterbox]:
         input_ids = self.encode_question(text)
@@ -457,8 +458,8 @@ class DefaultVQA(DefaultFamily, ClassifierVQA):
         """The classifier reads the answer token, row 0 before the question's words (FiLM's
         attention readout has one row: the question query)."""
         if self._readout_attention() is not None:
-            return torch.ones(1)
-        rows = torch.zeros(inputs["input_ids"].shape[1] + 1)
+            return torch.ones(1, device=inputs["input_ids"].device)
+        rows = torch.zeros(inputs["input_ids"].shape[1] + 1, device=inputs["input_ids"].device)
         rows[0] = 1.0
         return rows
 

@@ -103,10 +103,12 @@ class AxisAligned:
     offset: tuple[float, float]
     valid_size: tuple[int, int] | None = None  # model-input region holding image (not padding)
 
-    def _input_coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _input_coordinates(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Model-input coordinates of every original pixel center, per axis."""
-        ys = (torch.arange(self.original_size[0], dtype=torch.float64) + 0.5 - self.offset[0]) / self.scale[0]
-        xs = (torch.arange(self.original_size[1], dtype=torch.float64) + 0.5 - self.offset[1]) / self.scale[1]
+        ys = (torch.arange(self.original_size[0], dtype=torch.float64, device=device) + 0.5 - self.offset[0]) \
+            / self.scale[0]
+        xs = (torch.arange(self.original_size[1], dtype=torch.float64, device=device) + 0.5 - self.offset[1]) \
+            / self.scale[1]
         return ys, xs
 
     def invert(self, maps: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class AxisAligned:
         if (h, w) != tuple(self.input_size):
             maps = F.interpolate(maps.reshape(-1, 1, h, w).float(), size=tuple(self.input_size), mode="bilinear",
                                  align_corners=False).reshape(*maps.shape[:-2], *self.input_size)
-        ys, xs = self._input_coordinates()
+        ys, xs = self._input_coordinates(maps.device)
         grid_y = (2 * ys / self.input_size[0] - 1).float()
         grid_x = (2 * xs / self.input_size[1] - 1).float()
         grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
@@ -124,11 +126,11 @@ class AxisAligned:
         sampled = F.grid_sample(flat, grid.expand(flat.shape[0], -1, -1, -1), mode="bilinear",
                                 padding_mode="border", align_corners=False)
         out = sampled.reshape(*lead, *self.original_size)
-        return out * self.seen().to(out.dtype)
+        return out * self.seen(out.device).to(out.dtype)
 
-    def seen(self) -> torch.Tensor:
+    def seen(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(H, W) bool: the original pixels that fall inside the model input's image region."""
-        ys, xs = self._input_coordinates()
+        ys, xs = self._input_coordinates(device)
         limit_y, limit_x = self.valid_size or self.input_size
         inside_y = (ys >= 0) & (ys <= limit_y)
         inside_x = (xs >= 0) & (xs <= limit_x)
@@ -174,7 +176,7 @@ def probe_geometry(process, original_size: tuple[int, int]) -> AxisAligned:
     def fit(values: torch.Tensor) -> tuple[float, float]:
         n = values.shape[0]
         interior = slice(max(1, n // 10), max(2, n - n // 10))  # borders are clamped by the resampling
-        p = torch.arange(n, dtype=torch.float64)[interior] + 0.5
+        p = torch.arange(n, dtype=torch.float64, device=values.device)[interior] + 0.5
         v = values.double()[interior]
         slope = float(((p - p.mean()) * (v - v.mean())).sum() / ((p - p.mean()) ** 2).sum())
         return slope, float(v.mean() - slope * p.mean())

@@ -212,7 +212,7 @@ class HFCaptioner(HFAdapter, Captioner):
             raise ValueError(f"caption {caption!r} has no words the tokenizer maps to tokens")
         # the logit at position t - 1 predicts token t (a first token is never scored)
         positions = [[(t - 1, ids[t]) for t in tokens if t >= 1] for tokens in token_lists]
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=self.device)
         return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions,
                              extra_inputs={self.mask_key: torch.ones_like(input_ids)}, text=caption)
 
@@ -224,8 +224,8 @@ class HFCaptioner(HFAdapter, Captioner):
         return inputs
 
     def generate_ids(self, pixel_values: torch.Tensor, beam_size: int) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.generate(pixel_values=pixel_values, max_new_tokens=self.max_new_tokens,
+        with torch.no_grad(), self.forward_context():
+            return self.model.generate(pixel_values=self.to_device(pixel_values), max_new_tokens=self.max_new_tokens,
                                        num_beams=beam_size, do_sample=False)
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,

@@ -77,7 +77,8 @@ class ViltVQA(HFAdapter, ClassifierVQA):
 
         embeddings.visual_embed = recording
         try:
-            yield
+            with super().forward_context():  # the precision
+                yield
         finally:
             if had_own:
                 embeddings.visual_embed = original
@@ -116,7 +117,7 @@ class ViltVQA(HFAdapter, ClassifierVQA):
 
     def answer_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The classifier reads the pooled first token ([CLS])."""
-        rows = torch.zeros(inputs["input_ids"].shape[1])
+        rows = torch.zeros(inputs["input_ids"].shape[1], device=inputs["input_ids"].device)
         rows[0] = 1.0
         return rows
 

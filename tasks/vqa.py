@@ -19,6 +19,7 @@ from torch import nn
 
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
+from mmgradcam.engine.device import DeviceSpec, DtypeSpec
 from mmgradcam.engine.registry import MethodSpec, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
@@ -175,6 +176,7 @@ class VQAModel(Adapter):
         question = text
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        inputs = self.to_device(inputs)
         top = self.ranked_answers(inputs, max(top_k, 5))
         if answer is None:
             answers = [a for a, _ in top[:top_k]]
@@ -199,6 +201,7 @@ class VQAModel(Adapter):
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                               **self.layer_options, **attention)
+        exps = {name: exp.results_on("cpu") for name, exp in exps.items()}  # results: CPU, float32
         count = len(answers)
 
         def split(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -282,7 +285,7 @@ class ClassifierVQA(VQAModel):
                 all(cached[0][k] is v for k, v in inputs.items()):
             return cached[1]
         with torch.no_grad(), preserved_state(self.model), self.forward_context():
-            probabilities = self.probabilities_of(logits_of(self.model(**inputs)).float())[0]
+            probabilities = self.probabilities_of(logits_of(self.model(**self.to_device(inputs))).float())[0]
         self._last_probabilities = (dict(inputs), probabilities)
         return probabilities
 
@@ -297,9 +300,15 @@ class ClassifierVQA(VQAModel):
 
 
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
-         image_processor: Any = None, trust_remote_code: bool = False) -> VQAModel:
+         image_processor: Any = None, trust_remote_code: bool = False, device: DeviceSpec = "auto",
+         dtype: DtypeSpec = None) -> VQAModel:
     """A VQA model: "default" (shipped), a directory holding a default-family model, a Hugging Face
     model id or save_pretrained directory, or a transformers model object with its processor (any
-    family registered for VQA; README lists them). ``trust_remote_code`` stays off unless you turn it on."""
+    family registered for VQA; README lists them). ``trust_remote_code`` stays off unless you turn it on.
+
+    device: "auto" (CUDA, else Apple MPS, else the CPU), "cpu", "cuda", "cuda:1", "mps"; a model
+    object stays on its device unless one is named. dtype: None / "float32", "bfloat16" or
+    "float16": the forwards run under autocast in that precision (the weights are not cast); maps
+    and scores come back on the CPU in float32."""
     return load_adapter("vqa", name, processor, tokenizer=tokenizer, image_processor=image_processor,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, device=device, dtype=dtype)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device import DtypeSpec, autocast, module_device, resolve_dtype
 from .explanation import Explanation
 from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
@@ -161,12 +162,12 @@ def captured_attention(layers: Sequence[AttentionLayer]) -> Iterator[list[torch.
 
 def attention_pass(model: nn.Module, inputs: Inputs, targets: Sequence[Target], graph: AttentionGraph,
                    readout: torch.Tensor, *, batched: bool | str = "auto", eval_mode: bool = True,
-                   counterfactual: bool = False) -> AttentionPass:
+                   counterfactual: bool = False, dtype: DtypeSpec = None) -> AttentionPass:
     """One forward with the attention captured and one batched backward of all targets to it."""
     targets = check_targets(targets)
     with preserved_state(model, eval_mode), graph.context(), torch.inference_mode(False), \
             torch.enable_grad():
-        with captured_attention(graph.layers) as collected:
+        with captured_attention(graph.layers) as collected, autocast(module_device(model), resolve_dtype(dtype)):
             output = call_model(model, inputs)
         if len(collected) != len(graph.layers):
             raise RuntimeError(f"captured {len(collected)} of the {len(graph.layers)} attention layers")
@@ -197,7 +198,7 @@ def explain_attention(model: nn.Module, inputs: Inputs, targets: Sequence[Target
                       readout: torch.Tensor, methods: Sequence[str], *, batched: bool | str = "auto",
                       eval_mode: bool = True, counterfactual: bool = False,
                       input_size: tuple[int, int] | None = None, image_key: str | None = None,
-                      ) -> dict[str, Explanation]:
+                      dtype: DtypeSpec = None) -> dict[str, Explanation]:
     """{method: Explanation} for attention methods, all from one forward and one batched backward.
 
     readout (T, B, Lt): for target t and sample b, the weights of the text rows its map is read
@@ -208,12 +209,12 @@ def explain_attention(model: nn.Module, inputs: Inputs, targets: Sequence[Target
             raise ValueError(f"{method.name!r} is not an attention method")
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
     computed = attention_pass(model, inputs, targets, graph, readout, batched=batched, eval_mode=eval_mode,
-                              counterfactual=counterfactual)
+                              counterfactual=counterfactual, dtype=dtype)
     results = {}
     for method in chosen:
         signed = method.layer_map(computed)
         results[method.name] = Explanation(
-            layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=torch.empty(0),
+            layer_maps=signed.clamp(min=0), signed_layer_maps=signed, activations=signed.new_empty(0),
             gradients=None, scores=computed.scores, input_size=size, method=method.name,
             layer_name=method.layer_name(computed), counterfactual=counterfactual)
     return results

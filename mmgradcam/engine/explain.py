@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .capture import ActivationCapture, OutputIndex
+from .device import DtypeSpec, autocast, module_device, resolve_dtype
 from .explanation import Explanation
 from .gradients import Target, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
@@ -34,12 +35,14 @@ def _zero_gradient_warning(layer_name: str) -> None:
 
 def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                           layers: Sequence[tuple[str, nn.Module]], *, output_index: OutputIndex = None,
-                          batched: bool | str = "auto", eval_mode: bool = True,
+                          batched: bool | str = "auto", eval_mode: bool = True, dtype: DtypeSpec = None,
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B))."""
+    """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B)).
+    ``dtype`` ("bfloat16", "float16"): the forward runs under autocast in that precision."""
     with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad(), \
             ActivationCapture(layers, output_index) as capture:
-        output = call_model(model, inputs)
+        with autocast(module_device(model), resolve_dtype(dtype)):
+            output = call_model(model, inputs)
         activations = [capture.activation(name) for name, _ in layers]
         scores = target_scores(targets, output, int(activations[0].shape[0]))
         gradients = target_gradients(scores, activations, batched)
@@ -52,7 +55,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             grid: tuple[int, int] | None = None, output_index: OutputIndex = None,
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
-            attention: Any = None, readout: torch.Tensor | None = None,
+            attention: Any = None, readout: torch.Tensor | None = None, dtype: DtypeSpec = None,
             ) -> Explanation | dict[str, Explanation] | list:
     """Explain T targets at ``layer`` from a single forward pass.
 
@@ -80,6 +83,9 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
         ``AttentionGraph`` and the (T, B, text rows) readout weights (the tasks build both); their
         maps come from their own forward and batched backward over the attention probabilities,
         ``layer`` is not used for them.
+    dtype: None / "float32", or "bfloat16" / "float16": the forward runs under autocast in that
+        precision (the model's weights are not touched); maps are computed in float32.
+    Inputs are moved to the model's device; the maps stay on it.
     """
     names = method_names(method)
     attention_names = [n for n in names if is_attention_method(n)]
@@ -90,12 +96,13 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                              "(captioning / vqa), which builds them")
         size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
         found = explain_attention(model, inputs, targets, attention, readout, attention_names, batched=batched,
-                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size)
+                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size, dtype=dtype)
         rest = [n for n in names if n not in found]
         if rest:  # the CAM methods of the same call: their own pass at ``layer`` (a list gives a dict)
             found.update(explain(model, inputs, targets, layer, rest, counterfactual=counterfactual, layout=layout,
                                  prefix_tokens=prefix_tokens, grid=grid, output_index=output_index,
-                                 batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key))
+                                 batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key,
+                                 dtype=dtype))
         ordered = {n: found[n] for n in names}
         return ordered if is_several(method) else ordered[names[0]]
     requested = [get_method(name) for name in names]
@@ -117,7 +124,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
 
     activations, gradients, scores = forward_and_gradients(
-        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode
+        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode, dtype=dtype
     )
     # each pixel-space method's pass over the input, once for all layers
     passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched,

@@ -1,7 +1,7 @@
 """The result of an explanation: maps at the layer's resolution and at the input's."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,18 @@ class Explanation:
                 "pass input_size=(H, W) to explain, or use upsample(size)"
             )
         return upsample_maps(self.layer_maps, self.input_size)
+
+    def results_on(self, device: torch.device | str = "cpu") -> "Explanation":
+        """A copy whose maps, scores and weights are float32 on ``device`` (the CPU: what task
+        results hand back), without the layer's activations and gradients (task results do not
+        carry them; moving them off a GPU would cost a copy per target)."""
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().to(device=device, dtype=torch.float32)
+
+        return replace(self, layer_maps=moved(self.layer_maps), signed_layer_maps=moved(self.signed_layer_maps),
+                       activations=self.activations.new_empty(0, device=device), gradients=None,
+                       scores=moved(self.scores), channel_weights=moved(self.channel_weights),
+                       pixel_maps=moved(self.pixel_maps))
 
     def upsample(self, size: tuple[int, int]) -> torch.Tensor:
         return upsample_maps(self.layer_maps, size)

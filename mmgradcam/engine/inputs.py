@@ -7,6 +7,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .device import module_device, to_device
+
 Inputs = Union[torch.Tensor, Mapping[str, Any]]
 
 
@@ -19,7 +21,9 @@ def check_inputs(inputs: Any) -> None:
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(x)`` or ``model(**inputs)`` with the input tensors on the model's device."""
     check_inputs(inputs)
+    inputs = to_device(inputs, module_device(model))
     if isinstance(inputs, torch.Tensor):
         return model(inputs)
     return model(**inputs)

@@ -27,6 +27,8 @@ class EvalConfig:
     function_words: bool = True  # also score every other caption word against all objects' union
     extra: dict = field(default_factory=dict)
     perturbation_questions: int = 0  # Chefer's perturbation test on the first N VQA questions
+    device: str = "auto"  # where the models run ("auto": CUDA, else MPS, else the CPU)
+    dtype: str | None = None  # the forwards' precision (None: float32; "bfloat16", "float16")
 
 
     def identity(self) -> dict:
@@ -35,4 +37,5 @@ class EvalConfig:
         keep.pop("sanity_images")
         keep.pop("faithfulness_images")
         keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
+        keep.pop("device")  # where it runs does not change what is computed (the dtype does)
         return keep

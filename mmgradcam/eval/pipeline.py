@@ -69,7 +69,7 @@ class Evaluation:
         if self._captioner is None:
             from mmgradcam.tasks import captioning
 
-            self._captioner = captioning.load(self.config.model)
+            self._captioner = captioning.load(self.config.model, device=self.config.device, dtype=self.config.dtype)
         return self._captioner
 
     @property
@@ -77,7 +77,7 @@ class Evaluation:
         if self._vqa is None:
             from mmgradcam.tasks import vqa
 
-            self._vqa = vqa.load(self.config.vqa_model)
+            self._vqa = vqa.load(self.config.vqa_model, device=self.config.device, dtype=self.config.dtype)
         return self._vqa
 
     def methods(self, task: str) -> list[str]:
