@@ -182,7 +182,7 @@ class BlipVQA(HFAdapter, VQAModel):
         with torch.no_grad(), preserved_state(self.blip), self.forward_context():
             ids = self.blip.generate(input_ids=base["input_ids"], attention_mask=base["attention_mask"],
                                      pixel_values=base["pixel_values"], num_beams=beams, num_return_sequences=beams,
-                                     max_new_tokens=self.max_answer_tokens)
+                                     max_new_tokens=self.max_answer_tokens, use_cache=self.generation_cache)
         specials = set(self.tokenizer.all_special_ids) | {self.bos_id}
         for row in ids.tolist():
             content = [i for i in row if i not in specials]

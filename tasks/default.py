@@ -3,11 +3,14 @@ caption decoder or a question-attention VQA head. Trained on the shapes world by
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -89,6 +92,111 @@ class GridTokens(nn.Module):
         return tokens + position
 
 
+# ----------------------------------------------------------------------------- cached decoding
+# Incremental decoding for CaptionNet's nn.TransformerDecoder, written with each layer's own
+# weights. It is exact only for the layer form it re-implements, so anything else is refused.
+_POINTWISE_ACTIVATIONS = (F.relu, F.gelu)
+
+
+def cache_unsupported(decoder: nn.Module) -> str | None:
+    """Why the cached path cannot reproduce ``decoder`` (None: it can)."""
+    if type(decoder) is not nn.TransformerDecoder:
+        return f"the decoder is a {type(decoder).__name__}, not an nn.TransformerDecoder"
+    for i, layer in enumerate(decoder.layers):
+        where = f"decoder.layers[{i}]"
+        # a subclass may change forward; only torch's own layer is known
+        if type(layer) is not nn.TransformerDecoderLayer:
+            return f"{where} is a {type(layer).__name__}, not an nn.TransformerDecoderLayer"
+        if not layer.norm_first:
+            return f"{where} has norm_first=False (the cache implements pre-norm layers only)"
+        # the feed-forward block must act on each position alone for a one-token step to be exact
+        activation = layer.activation
+        if not (activation in _POINTWISE_ACTIVATIONS or type(activation) in (nn.ReLU, nn.GELU)):
+            return f"{where} has activation {activation!r}; the cache implements relu and gelu"
+        for name in ("self_attn", "multihead_attn"):
+            attn = getattr(layer, name)
+            if not attn.batch_first:
+                return f"{where}.{name} has batch_first=False"
+            if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+                return f"{where}.{name} has separate q/k/v projection weights"
+            if attn.bias_k is not None or attn.add_zero_attn:
+                return f"{where}.{name} has bias_k/bias_v or add_zero_attn"
+    return None
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer keys and values: self-attention ones (B, heads, max_tokens, head_dim), filled one
+    position per step, and the memory's cross-attention ones (B, heads, N, head_dim), computed once."""
+
+    self_keys: list[torch.Tensor] = field(default_factory=list)
+    self_values: list[torch.Tensor] = field(default_factory=list)
+    cross_keys: list[torch.Tensor] = field(default_factory=list)
+    cross_values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions already decoded
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, D) -> (B, heads, L, D / heads)."""
+    b, length, d = x.shape
+    return x.view(b, length, heads, d // heads).transpose(1, 2)
+
+
+def _bias_rows(attn: nn.MultiheadAttention, start: int, stop: int | None) -> torch.Tensor | None:
+    """Rows [start:stop] of the packed q/k/v projection bias (None for bias=False)."""
+    return None if attn.in_proj_bias is None else attn.in_proj_bias[start:stop]
+
+
+def _attend(attn: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of (B, heads, 1, hd) queries, then the output projection."""
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    b, heads, length, hd = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, length, heads * hd))
+
+
+def start_decoder_cache(decoder: nn.TransformerDecoder, memory: torch.Tensor, max_tokens: int) -> DecoderCache:
+    """An empty cache for ``memory`` (B, N, D): refuses (NotImplementedError) a decoder it cannot reproduce."""
+    reason = cache_unsupported(decoder)
+    if reason is not None:
+        raise NotImplementedError(f"cached decoding does not support this decoder: {reason}")
+    cache = DecoderCache()
+    b, _, d = memory.shape
+    for layer in decoder.layers:
+        heads = layer.self_attn.num_heads
+        empty = memory.new_zeros(b, heads, max_tokens, d // heads)
+        cache.self_keys.append(empty)
+        cache.self_values.append(empty.clone())
+        cross = layer.multihead_attn
+        k, v = F.linear(memory, cross.in_proj_weight[d:], _bias_rows(cross, d, None)).chunk(2, dim=-1)
+        cache.cross_keys.append(_heads(k, cross.num_heads))
+        cache.cross_values.append(_heads(v, cross.num_heads))
+    return cache
+
+
+def decoder_step(decoder: nn.TransformerDecoder, cache: DecoderCache, x: torch.Tensor) -> torch.Tensor:
+    """The decoder's output (B, 1, D) for the next position's input ``x`` (B, 1, D), given the
+    cached earlier positions; the same arithmetic as torch's norm_first layer, one position at a time."""
+    t = cache.length
+    if t >= cache.self_keys[0].shape[2]:
+        raise ValueError(f"the cache holds {cache.self_keys[0].shape[2]} positions; all are used")
+    d = x.shape[-1]
+    for i, layer in enumerate(decoder.layers):
+        sa = layer.self_attn
+        q, k, v = F.linear(layer.norm1(x), sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
+        cache.self_keys[i][:, :, t:t + 1] = _heads(k, sa.num_heads)
+        cache.self_values[i][:, :, t:t + 1] = _heads(v, sa.num_heads)
+        # the causal mask is implicit: the cache holds only positions up to t
+        x = x + layer.dropout1(_attend(sa, _heads(q, sa.num_heads), cache.self_keys[i][:, :, :t + 1],
+                                       cache.self_values[i][:, :, :t + 1]))
+        ca = layer.multihead_attn
+        q = F.linear(layer.norm2(x), ca.in_proj_weight[:d], _bias_rows(ca, 0, d))
+        x = x + layer.dropout2(_attend(ca, _heads(q, ca.num_heads), cache.cross_keys[i], cache.cross_values[i]))
+        x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
+    cache.length = t + 1
+    return x if decoder.norm is None else decoder.norm(x)
+
+
 class CaptionNet(nn.Module):
     """Encoder + transformer decoder: ``forward(pixel_values, input_ids) -> logits (B, L, V)``."""
 
@@ -121,15 +229,39 @@ class CaptionNet(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decode(self.memory(pixel_values), input_ids)
 
+    def start_cache(self, memory: torch.Tensor) -> DecoderCache:
+        """An empty key/value cache for generating from ``memory`` (B, N, D)."""
+        return start_decoder_cache(self.decoder, memory, self.max_tokens)
+
+    def decode_step(self, cache: DecoderCache, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after the token ids (B,) at the cache's next position; with the earlier
+        positions cached this equals ``decode(memory, prefix)[:, -1]``."""
+        t = cache.length
+        if t >= self.max_tokens:
+            raise ValueError(f"position {t} exceeds the model's limit of {self.max_tokens} tokens")
+        x = self.embed(input_ids.reshape(-1, 1)) * math.sqrt(self.embed.embedding_dim) + self.position[t]
+        return self.head(self.norm(decoder_step(self.decoder, cache, x)))[:, 0]
+
     @torch.no_grad()
-    def greedy(self, pixel_values: torch.Tensor, bos_id: int, eos_id: int, max_len: int | None = None) -> torch.Tensor:
-        """(B, <=max_len) generated ids after BOS, stopping when every sample has produced EOS."""
+    def greedy(self, pixel_values: torch.Tensor, bos_id: int, eos_id: int, max_len: int | None = None,
+               use_cache: bool = True) -> torch.Tensor:
+        """(B, <=max_len) generated ids after BOS, stopping when every sample has produced EOS.
+
+        ``use_cache``: decode one position per step with cached keys/values (O(L) work per step
+        instead of re-running the prefix); a decoder the cache cannot reproduce warns and runs uncached."""
         max_len = min(max_len or self.max_tokens - 1, self.max_tokens - 1)
         memory = self.memory(pixel_values)
+        cache = None
+        if use_cache:
+            try:
+                cache = self.start_cache(memory)
+            except NotImplementedError as error:
+                warnings.warn(f"{error}; generating without the cache", stacklevel=2)
         ids = torch.full((pixel_values.shape[0], 1), bos_id, dtype=torch.long, device=pixel_values.device)
         done = torch.zeros(pixel_values.shape[0], dtype=torch.bool, device=pixel_values.device)
         for _ in range(max_len):
-            next_id = self.decode(memory, ids)[:, -1].argmax(-1)
+            logits = self.decode_step(cache, ids[:, -1]) if cache is not None else self.decode(memory, ids)[:, -1]
+            next_id = logits.argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             done |= next_id == eos_id

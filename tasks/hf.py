@@ -134,6 +134,10 @@ class HFAdapter(Adapter):
     """What every transformers adapter shares: the tokenizer, the image processor (its geometry,
     measured once per image size, and its normalization) and the question check."""
 
+    # generate() reuses past keys/values (a checkpoint's config may say use_cache=false, e.g. after
+    # training with gradient checkpointing); a family whose decoder cannot cache sets this False
+    generation_cache = True
+
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?"):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -226,7 +230,7 @@ class HFCaptioner(HFAdapter, Captioner):
     def generate_ids(self, pixel_values: torch.Tensor, beam_size: int) -> torch.Tensor:
         with torch.no_grad(), self.forward_context():
             return self.model.generate(pixel_values=self.to_device(pixel_values), max_new_tokens=self.max_new_tokens,
-                                       num_beams=beam_size, do_sample=False)
+                                       num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
                        max_words: int | None = None) -> list[str]:
