@@ -19,6 +19,8 @@ same on every method's line of a word.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,7 +234,9 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict | None:
     """Run (or resume) an evaluation, one process or one torchrun rank; rank 0 returns the summary."""
     from . import distributed
 
-    rank, world = distributed.setup()
+    rank, world = distributed.setup(config.device)
+    if world > 1:  # each rank runs its models on its own device (its local GPU under NCCL)
+        config = dataclasses.replace(config, device=str(distributed.local_device()))
     try:
         return Evaluation(config, rank, world, progress).run()
     finally:
