@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import ActivationCapture, OutputIndex
 from .explanation import Explanation
-from .gradients import Target, check_targets, target_gradients, target_scores
+from .gradients import Target, check_max_targets, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
 from .layouts import FunctionLayout, Layout
@@ -35,6 +35,7 @@ def _zero_gradient_warning(layer_name: str) -> None:
 def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                           layers: Sequence[tuple[str, nn.Module]], *, output_index: OutputIndex = None,
                           batched: bool | str = "auto", eval_mode: bool = True,
+                          max_targets_per_backward: int | None = None,
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B))."""
     with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad(), \
@@ -42,7 +43,7 @@ def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Ta
         output = call_model(model, inputs)
         activations = [capture.activation(name) for name, _ in layers]
         scores = target_scores(targets, output, int(activations[0].shape[0]))
-        gradients = target_gradients(scores, activations, batched)
+        gradients = target_gradients(scores, activations, batched, max_targets_per_backward)
     return [a.detach() for a in activations], [g.detach() for g in gradients], scores.detach()
 
 
@@ -53,6 +54,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
             attention: Any = None, readout: torch.Tensor | None = None,
+            max_targets_per_backward: int | None = None,
             ) -> Explanation | dict[str, Explanation] | list:
     """Explain T targets at ``layer`` from a single forward pass.
 
@@ -75,12 +77,16 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     output_index: which element of a tuple / ModelOutput layer output to use (default: the first,
         or ``last_hidden_state``).
     batched: "auto" (batched backward, loop fallback), True or False.
+    max_targets_per_backward: at most this many targets per batched backward (memory grows with
+        the targets in one backward); None: auto (64 off CUDA, sized from free memory on CUDA).
+        A chunk that runs out of memory is retried at half the size. See ``target_gradients``.
     input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
     attention / readout: for the attention methods ("attention-gradcam", "relevance"): the model's
         ``AttentionGraph`` and the (T, B, text rows) readout weights (the tasks build both); their
         maps come from their own forward and batched backward over the attention probabilities,
         ``layer`` is not used for them.
     """
+    check_max_targets(max_targets_per_backward)  # before any forward
     names = method_names(method)
     attention_names = [n for n in names if is_attention_method(n)]
     if attention_names:
@@ -90,12 +96,14 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                              "(captioning / vqa), which builds them")
         size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
         found = explain_attention(model, inputs, targets, attention, readout, attention_names, batched=batched,
-                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size)
+                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size,
+                                  max_targets_per_backward=max_targets_per_backward)
         rest = [n for n in names if n not in found]
         if rest:  # the CAM methods of the same call: their own pass at ``layer`` (a list gives a dict)
             found.update(explain(model, inputs, targets, layer, rest, counterfactual=counterfactual, layout=layout,
                                  prefix_tokens=prefix_tokens, grid=grid, output_index=output_index,
-                                 batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key))
+                                 batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key,
+                                 max_targets_per_backward=max_targets_per_backward))
         ordered = {n: found[n] for n in names}
         return ordered if is_several(method) else ordered[names[0]]
     requested = [get_method(name) for name in names]
@@ -117,11 +125,12 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
 
     activations, gradients, scores = forward_and_gradients(
-        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode
+        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode,
+        max_targets_per_backward=max_targets_per_backward,
     )
     # each pixel-space method's pass over the input, once for all layers
-    passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched,
-                                   eval_mode=eval_mode) for m in pixel_methods}
+    passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode,
+                                   max_targets_per_backward=max_targets_per_backward) for m in pixel_methods}
     results = []
     for (name, _), activation, gradient in zip(layers, activations, gradients):
         resolved = base_layout.resolve(activation)
