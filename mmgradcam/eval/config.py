@@ -27,6 +27,7 @@ class EvalConfig:
     function_words: bool = True  # also score every other caption word against all objects' union
     extra: dict = field(default_factory=dict)
     perturbation_questions: int = 0  # Chefer's perturbation test on the first N VQA questions
+    max_targets_per_backward: int | None = None  # targets per batched backward (None: auto); same maps
 
 
     def identity(self) -> dict:
@@ -35,4 +36,5 @@ class EvalConfig:
         keep.pop("sanity_images")
         keep.pop("faithfulness_images")
         keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
+        keep.pop("max_targets_per_backward")  # memory only: chunked maps equal unchunked ones
         return keep
