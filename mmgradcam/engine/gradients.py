@@ -107,13 +107,18 @@ def _cuda_chunk_size(device: torch.device, bytes_per_target: float, total: int) 
     return max(1, min(total, int(CUDA_MEMORY_SHARE * free / bytes_per_target)))
 
 
+def _measures_cuda(device: torch.device) -> bool:
+    """Whether ``device``'s memory is read through torch.cuda (a function, so tests can fake it)."""
+    return device.type == "cuda"
+
+
 def _chunked_grads(scores: torch.Tensor, tensors: Sequence[torch.Tensor], batched: bool | str,
                    limit: int | None) -> list[torch.Tensor]:
     """All targets in batched backwards of at most ``limit`` targets (None: auto) over the one
     graph, halving a chunk that runs out of memory; "auto" falls back to the loop when vmap fails."""
     total = scores.shape[0]
     device = scores.device
-    cuda = device.type == "cuda"
+    cuda = _measures_cuda(device)
     measure = cuda and limit is None  # auto on CUDA: size the later chunks from the first one
     size = min(total, limit if limit is not None else CUDA_FIRST_CHUNK if cuda else CPU_TARGETS_PER_BACKWARD)
     first_failed: int | None = None   # the chunk size that first ran out of memory
