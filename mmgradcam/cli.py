@@ -18,6 +18,22 @@ def _method_help(several: str = "") -> str:
             "for models that read the image through attention); default: the model's own default method")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_max_targets(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-targets-per-backward", type=_positive_int, default=None, metavar="N",
+                        help="at most N targets (words, answers) per batched backward: bounds memory, same maps "
+                             "(default: auto, 64 on CPU, sized from free memory on CUDA)")
+
+
 def _write_outputs(out: Path, summary: dict, arrays: dict, image=None) -> None:
     import numpy as np
 
@@ -78,8 +94,10 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     # a method switch)
     if compare is not None:  # a list, so that "all" (every method that applies to the model) works too
         method = list(dict.fromkeys([*captioner.method_choice(method), compare]))
+    chunk = args.max_targets_per_backward
     result = captioner.explain(pil, caption=args.caption, method=method, layer=args.layer,
-                               counterfactual=args.counterfactual, beam_size=args.beam)
+                               counterfactual=args.counterfactual, beam_size=args.beam,
+                               max_targets_per_backward=chunk)
     _print_notice(result)
     methods = result.methods
     arrays = result.arrays()
@@ -94,9 +112,10 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     if args.panels:
         from .report.figures import word_panels
 
-        guided = captioner.explain(pil, caption=result.caption, method="guided-gradcam", layer=args.layer)
+        guided = captioner.explain(pil, caption=result.caption, method="guided-gradcam", layer=args.layer,
+                                   max_targets_per_backward=chunk)
         against = captioner.explain(pil, caption=result.caption, method=methods[0], layer=args.layer,
-                                    counterfactual=not args.counterfactual)
+                                    counterfactual=not args.counterfactual, max_targets_per_backward=chunk)
         print(f"wrote {word_panels(pil, result.words, result.maps, guided.guided_maps, against.maps, out / 'panels.png', args.formats)}")
     _print_caption(result)
     _write_outputs(out, summary, arrays, pil)
@@ -146,6 +165,7 @@ def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[],
                         help="also save the figures as svg/pdf (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    _add_max_targets(parser)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -162,7 +182,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     model = vqa.load(args.model, **_placement(args))
     result = model.explain(pil, args.question, answer=args.answer or None, top_k=args.top_k, method=args.method,
                            counterfactual=args.counterfactual, contrast=args.contrast, score=args.score,
-                           layer=args.layer)
+                           layer=args.layer, max_targets_per_backward=args.max_targets_per_backward)
     _print_notice(result)
     print(f"Q: {args.question}")
     for answer, probability in result.top_answers[:max(args.top_k, 1)]:
@@ -379,6 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         skip_captions=args.captions is None, function_words=not args.no_function_words,
         perturbation_questions=args.perturbation_questions, device=args.device,
         dtype=None if args.dtype == "float32" else args.dtype,
+        max_targets_per_backward=args.max_targets_per_backward,
     )
     from .engine.device import resolve_device
 
@@ -440,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], default=[])
     ask.add_argument("--out", type=Path, default=Path("out/vqa"))
     _add_device_options(ask)
+    _add_max_targets(ask)
     ask.set_defaults(func=cmd_vqa)
 
     demo = commands.add_parser("demo", help="render a shapes-world image and explain its caption")
@@ -475,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
     evaluate.add_argument("--out", type=Path, required=True)
     _add_device_options(evaluate)
+    _add_max_targets(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     dissection = commands.add_parser("dissect", help="name a layer's channels by the concepts they detect")

@@ -19,6 +19,7 @@ from torch import nn
 import mmgradcam as mg
 from mmgradcam.engine.device import DeviceSpec, DtypeSpec
 from mmgradcam.engine.explanation import Explanation
+from mmgradcam.engine.gradients import check_max_targets
 from mmgradcam.engine.registry import MethodSpec, get_method, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import logits_of
 
@@ -302,29 +303,33 @@ class Captioner(Adapter):
 
     def explain(self, image: ImageLike, caption: str | None = None, method: MethodSpec | None = None,
                 layer: nn.Module | str | None = None, counterfactual: bool = False, beam_size: int = 1,
-                batched: bool | str = "auto") -> CaptionExplanation:
+                batched: bool | str = "auto", max_targets_per_backward: int | None = None) -> CaptionExplanation:
         """Explain every word of ``caption`` (generated first when None) on ``image``.
 
         ``method``: the model's default (``default_method``) when None; several ("gradcam,layercam",
         a list, or "all") are computed from the same forward and backward pass: ``maps`` holds the
         first one's, ``method_maps`` / ``for_method(name)`` every one's. ``notice``: a short note
-        when the model does not know images like this one (None otherwise)."""
+        when the model does not know images like this one (None otherwise).
+        ``max_targets_per_backward``: words per batched backward (None: auto; see ``mg.explain``)."""
         pil = load_image(image)
         result = self.explain_batch([pil], [caption], method=method, layer=layer, counterfactual=counterfactual,
-                                    beam_size=beam_size, batched=batched)[0]
+                                    beam_size=beam_size, batched=batched,
+                                    max_targets_per_backward=max_targets_per_backward)[0]
         result.notice = self.domain_notice(pil)
         return result
 
     def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,
                       counterfactual: bool = False, beam_size: int = 1, batched: bool | str = "auto",
-                      select: Any = None) -> list[CaptionExplanation]:
+                      select: Any = None, max_targets_per_backward: int | None = None) -> list[CaptionExplanation]:
         """Explain the captions of several images: one forward pass and one batched backward for
         all words of all captions (word j of every caption is one target).
 
         ``select(words) -> indices`` explains only those words of each caption (the others get
         empty maps and NaN log-probs): an evaluation scores only mappable words, and fewer targets
-        make the batched backward cheaper."""
+        make the batched backward cheaper. ``max_targets_per_backward``: targets (word positions)
+        per batched backward, None: auto (see ``mg.explain``)."""
+        check_max_targets(max_targets_per_backward)  # before generating captions
         pils = [load_image(image, what=f"images[{i}]") for i, image in enumerate(images)]
         captions = list(captions) if captions is not None else [None] * len(pils)
         if len(captions) != len(pils):
@@ -343,22 +348,25 @@ class Captioner(Adapter):
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
         return self._explain_tokens(self.batch_inputs(pixel_values, tokens), tokens, [g for _, g in prepared],
                                     method=method, layer=layer, counterfactual=counterfactual, batched=batched,
-                                    select=select)
+                                    select=select, max_targets_per_backward=max_targets_per_backward)
 
     def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str,
                          method: MethodSpec | None = None, layer: nn.Module | str | None = None,
                          counterfactual: bool = False, batched: bool | str = "auto",
-                         select: Any = None) -> CaptionExplanation:
+                         select: Any = None, max_targets_per_backward: int | None = None) -> CaptionExplanation:
         """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
         (e.g. an adversarial image); ``text`` is the caption they were prepared with."""
         return self._explain_tokens(inputs, [self.tokenize(text)], [geometry], method=method, layer=layer,
-                                    counterfactual=counterfactual, batched=batched, select=select)[0]
+                                    counterfactual=counterfactual, batched=batched, select=select,
+                                    max_targets_per_backward=max_targets_per_backward)[0]
 
     def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
                         geometries: Sequence[Any], method: MethodSpec | None = None,
                         layer: nn.Module | str | None = None, counterfactual: bool = False,
-                        batched: bool | str = "auto", select: Any = None) -> list[CaptionExplanation]:
+                        batched: bool | str = "auto", select: Any = None,
+                        max_targets_per_backward: int | None = None) -> list[CaptionExplanation]:
         """The shared core: one forward and one batched backward for all words of all captions."""
+        check_max_targets(max_targets_per_backward)
         chosen = [list(range(len(t.words))) if select is None else sorted(set(select(t.words))) for t in tokens]
         for t, c in zip(tokens, chosen):
             if any(not 0 <= j < len(t.words) for j in c):
@@ -379,6 +387,7 @@ class Captioner(Adapter):
             with self.forward_context():
                 exps.update(mg.explain(self.model, model_inputs, per_word + [whole], layer, engine_names,
                                        counterfactual=counterfactual, batched=batched, image_key="pixel_values",
+                                       max_targets_per_backward=max_targets_per_backward,
                                        **self.layer_options, **attention))
         exps = {name: exp.results_on("cpu") for name, exp in exps.items()}  # results: CPU, float32
         first = exps[names[0]]

@@ -20,6 +20,7 @@ from torch import nn
 import mmgradcam as mg
 from mmgradcam.engine import preserved_state
 from mmgradcam.engine.device import DeviceSpec, DtypeSpec
+from mmgradcam.engine.gradients import check_max_targets
 from mmgradcam.engine.registry import MethodSpec, is_attention_method, is_readout_method, method_names
 from mmgradcam.targets import ClassLogProb, ClassScore, logits_of
 
@@ -147,7 +148,7 @@ class VQAModel(Adapter):
     def explain(self, image: ImageLike, question: str, answer: str | Sequence[str] | None = None,
                 method: MethodSpec | None = None, counterfactual: bool = False, contrast: str | None = None,
                 top_k: int = 1, score: str = "logit", layer: nn.Module | str | None = None,
-                batched: bool | str = "auto") -> VQAExplanation:
+                batched: bool | str = "auto", max_targets_per_backward: int | None = None) -> VQAExplanation:
         """Maps for ``answer`` (one or several; None: the model's top ``top_k`` answers).
 
         method: the model's default (``default_method``) when None; several ("gradcam,layercam", a
@@ -156,13 +157,14 @@ class VQAModel(Adapter):
 
         counterfactual: negated gradients, "why not this answer". contrast: also the map of the
         first answer's score minus ``contrast``'s. ``notice``: a short note when the model does not
-        know images like this one (None otherwise).
+        know images like this one (None otherwise). max_targets_per_backward: answers per batched
+        backward (None: auto; see ``mg.explain``).
         """
         pil = load_image(image)
         inputs, geometry = self.prepare(pil, question)
         result = self.explain_prepared(inputs, geometry, question, answer, method=method,
                                        counterfactual=counterfactual, contrast=contrast, top_k=top_k, score=score,
-                                       layer=layer, batched=batched)
+                                       layer=layer, batched=batched, max_targets_per_backward=max_targets_per_backward)
         result.notice = self.domain_notice(pil)
         return result
 
@@ -170,10 +172,11 @@ class VQAModel(Adapter):
                          answer: str | Sequence[str] | None = None, method: MethodSpec | None = None,
                          counterfactual: bool = False, contrast: str | None = None, top_k: int = 1,
                          score: str = "logit", layer: nn.Module | str | None = None,
-                         batched: bool | str = "auto") -> VQAExplanation:
+                         batched: bool | str = "auto", max_targets_per_backward: int | None = None) -> VQAExplanation:
         """``explain`` on inputs from ``prepare(image, text)``, whose pixels may have been changed
         (e.g. an adversarial image); ``text`` is the question they were prepared with."""
         question = text
+        check_max_targets(max_targets_per_backward)
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         inputs = self.to_device(inputs)
@@ -200,7 +203,7 @@ class VQAModel(Adapter):
         with self.forward_context():
             exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
                               counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                              **self.layer_options, **attention)
+                              max_targets_per_backward=max_targets_per_backward, **self.layer_options, **attention)
         exps = {name: exp.results_on("cpu") for name, exp in exps.items()}  # results: CPU, float32
         count = len(answers)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .device import DtypeSpec, autocast, module_device, resolve_dtype
 from .explanation import Explanation
-from .gradients import Target, check_targets, target_gradients, target_scores
+from .gradients import Target, check_max_targets, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .registry import AttentionMethod, get_method
 from .state import preserved_state
@@ -162,7 +162,8 @@ def captured_attention(layers: Sequence[AttentionLayer]) -> Iterator[list[torch.
 
 def attention_pass(model: nn.Module, inputs: Inputs, targets: Sequence[Target], graph: AttentionGraph,
                    readout: torch.Tensor, *, batched: bool | str = "auto", eval_mode: bool = True,
-                   counterfactual: bool = False, dtype: DtypeSpec = None) -> AttentionPass:
+                   counterfactual: bool = False, dtype: DtypeSpec = None,
+                   max_targets_per_backward: int | None = None) -> AttentionPass:
     """One forward with the attention captured and one batched backward of all targets to it."""
     targets = check_targets(targets)
     with preserved_state(model, eval_mode), graph.context(), torch.inference_mode(False), \
@@ -172,7 +173,7 @@ def attention_pass(model: nn.Module, inputs: Inputs, targets: Sequence[Target], 
         if len(collected) != len(graph.layers):
             raise RuntimeError(f"captured {len(collected)} of the {len(graph.layers)} attention layers")
         scores = target_scores(targets, output, int(_per_head(graph.layers[0], collected[0]).shape[0]))
-        gradients = target_gradients(scores, collected, batched)
+        gradients = target_gradients(scores, collected, batched, max_targets_per_backward)
     probabilities = [_per_head(layer, p).detach().float() for layer, p in zip(graph.layers, collected)]
     # torch MHA's gradients are (T, B * heads, Lq, Lk) like its probabilities
     gradients = [g.detach().float().reshape(g.shape[0], *p.shape) for g, p in zip(gradients, probabilities)]
@@ -198,18 +199,22 @@ def explain_attention(model: nn.Module, inputs: Inputs, targets: Sequence[Target
                       readout: torch.Tensor, methods: Sequence[str], *, batched: bool | str = "auto",
                       eval_mode: bool = True, counterfactual: bool = False,
                       input_size: tuple[int, int] | None = None, image_key: str | None = None,
-                      dtype: DtypeSpec = None) -> dict[str, Explanation]:
+                      dtype: DtypeSpec = None, max_targets_per_backward: int | None = None,
+                      ) -> dict[str, Explanation]:
     """{method: Explanation} for attention methods, all from one forward and one batched backward.
 
     readout (T, B, Lt): for target t and sample b, the weights of the text rows its map is read
-    from (a word: the positions whose logits score it)."""
+    from (a word: the positions whose logits score it). max_targets_per_backward: targets per
+    batched backward (None: auto), as in ``target_gradients``."""
+    check_max_targets(max_targets_per_backward)
     chosen = [get_method(name) for name in methods]
     for method in chosen:
         if not isinstance(method, AttentionMethod):
             raise ValueError(f"{method.name!r} is not an attention method")
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
     computed = attention_pass(model, inputs, targets, graph, readout, batched=batched, eval_mode=eval_mode,
-                              counterfactual=counterfactual, dtype=dtype)
+                              counterfactual=counterfactual, dtype=dtype,
+                              max_targets_per_backward=max_targets_per_backward)
     results = {}
     for method in chosen:
         signed = method.layer_map(computed)

@@ -12,7 +12,7 @@ from torch import nn
 from .capture import ActivationCapture, OutputIndex
 from .device import DtypeSpec, autocast, module_device, resolve_dtype
 from .explanation import Explanation
-from .gradients import Target, check_targets, target_gradients, target_scores
+from .gradients import Target, check_max_targets, check_targets, target_gradients, target_scores
 from .inputs import Inputs, call_model, input_size_of
 from .layers import resolve_layer
 from .layouts import FunctionLayout, Layout
@@ -36,6 +36,7 @@ def _zero_gradient_warning(layer_name: str) -> None:
 def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                           layers: Sequence[tuple[str, nn.Module]], *, output_index: OutputIndex = None,
                           batched: bool | str = "auto", eval_mode: bool = True, dtype: DtypeSpec = None,
+                          max_targets_per_backward: int | None = None,
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B)).
     ``dtype`` ("bfloat16", "float16"): the forward runs under autocast in that precision."""
@@ -45,7 +46,7 @@ def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Ta
             output = call_model(model, inputs)
         activations = [capture.activation(name) for name, _ in layers]
         scores = target_scores(targets, output, int(activations[0].shape[0]))
-        gradients = target_gradients(scores, activations, batched)
+        gradients = target_gradients(scores, activations, batched, max_targets_per_backward)
     return [a.detach() for a in activations], [g.detach() for g in gradients], scores.detach()
 
 
@@ -56,6 +57,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
             batched: bool | str = "auto", eval_mode: bool = True,
             input_size: tuple[int, int] | None = None, image_key: str | None = None,
             attention: Any = None, readout: torch.Tensor | None = None, dtype: DtypeSpec = None,
+            max_targets_per_backward: int | None = None,
             ) -> Explanation | dict[str, Explanation] | list:
     """Explain T targets at ``layer`` from a single forward pass.
 
@@ -78,6 +80,9 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     output_index: which element of a tuple / ModelOutput layer output to use (default: the first,
         or ``last_hidden_state``).
     batched: "auto" (batched backward, loop fallback), True or False.
+    max_targets_per_backward: at most this many targets per batched backward (memory grows with
+        the targets in one backward); None: auto (64 off CUDA, sized from free memory on CUDA).
+        A chunk that runs out of memory is retried at half the size. See ``target_gradients``.
     input_size: (H, W) for ``maps`` when the inputs hold no (B, C, H, W) image.
     attention / readout: for the attention methods ("attention-gradcam", "relevance"): the model's
         ``AttentionGraph`` and the (T, B, text rows) readout weights (the tasks build both); their
@@ -87,6 +92,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
         precision (the model's weights are not touched); maps are computed in float32.
     Inputs are moved to the model's device; the maps stay on it.
     """
+    check_max_targets(max_targets_per_backward)  # before any forward
     names = method_names(method)
     attention_names = [n for n in names if is_attention_method(n)]
     if attention_names:
@@ -96,13 +102,14 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                              "(captioning / vqa), which builds them")
         size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
         found = explain_attention(model, inputs, targets, attention, readout, attention_names, batched=batched,
-                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size, dtype=dtype)
+                                  eval_mode=eval_mode, counterfactual=counterfactual, input_size=size, dtype=dtype,
+                                  max_targets_per_backward=max_targets_per_backward)
         rest = [n for n in names if n not in found]
         if rest:  # the CAM methods of the same call: their own pass at ``layer`` (a list gives a dict)
             found.update(explain(model, inputs, targets, layer, rest, counterfactual=counterfactual, layout=layout,
                                  prefix_tokens=prefix_tokens, grid=grid, output_index=output_index,
                                  batched=batched, eval_mode=eval_mode, input_size=size, image_key=image_key,
-                                 dtype=dtype))
+                                 dtype=dtype, max_targets_per_backward=max_targets_per_backward))
         ordered = {n: found[n] for n in names}
         return ordered if is_several(method) else ordered[names[0]]
     requested = [get_method(name) for name in names]
@@ -124,11 +131,12 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
     size = tuple(input_size) if input_size is not None else input_size_of(inputs, image_key)
 
     activations, gradients, scores = forward_and_gradients(
-        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode, dtype=dtype
+        model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode, dtype=dtype,
+        max_targets_per_backward=max_targets_per_backward,
     )
     # each pixel-space method's pass over the input, once for all layers
-    passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched,
-                                   eval_mode=eval_mode) for m in pixel_methods}
+    passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode,
+                                   max_targets_per_backward=max_targets_per_backward) for m in pixel_methods}
     results = []
     for (name, _), activation, gradient in zip(layers, activations, gradients):
         resolved = base_layout.resolve(activation)

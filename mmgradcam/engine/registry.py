@@ -50,7 +50,8 @@ class PixelMethod:
     base: str = "gradcam"
 
     def input_pass(self, model: Any, inputs: Any, targets: Sequence[Any], *, image_key: str | None,
-                   batched: bool | str, eval_mode: bool) -> torch.Tensor:
+                   batched: bool | str, eval_mode: bool, max_targets_per_backward: int | None = None,
+                   ) -> torch.Tensor:
         """(T, B, C, H, W): the method's own attribution of the image input."""
         raise NotImplementedError
 

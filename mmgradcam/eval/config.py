@@ -29,6 +29,7 @@ class EvalConfig:
     perturbation_questions: int = 0  # Chefer's perturbation test on the first N VQA questions
     device: str = "auto"  # where the models run ("auto": CUDA, else MPS, else the CPU)
     dtype: str | None = None  # the forwards' precision (None: float32; "bfloat16", "float16")
+    max_targets_per_backward: int | None = None  # targets per batched backward (None: auto); same maps
 
 
     def identity(self) -> dict:
@@ -38,4 +39,5 @@ class EvalConfig:
         keep.pop("faithfulness_images")
         keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
         keep.pop("device")  # where it runs does not change what is computed (the dtype does)
+        keep.pop("max_targets_per_backward")  # memory only: chunked maps equal unchunked ones
         return keep

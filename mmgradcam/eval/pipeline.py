@@ -167,7 +167,8 @@ class Evaluation:
             methods = self.methods("captions")
             results = self.captioner.explain_batch(
                 [j[1] for j in jobs], [j[2] for j in jobs], method=methods, layer=self.config.layer,
-                select=lambda words: [m.index for m in self.mapper.classify(words, function_words)])
+                select=lambda words: [m.index for m in self.mapper.classify(words, function_words)],
+                max_targets_per_backward=self.config.max_targets_per_backward)
             for (image_id, _, _, source), result in zip(jobs, results):
                 lines += self.scorer.caption(k, image_id, source, result, masks[image_id], methods)
         for image_id, pil in loaded:
@@ -185,7 +186,8 @@ class Evaluation:
             return [Skip("question", question.get("question_id"), "its objects have no usable mask").as_line(k)]
         methods = self.methods("vqa")
         try:  # every method from one forward and backward
-            result = self.vqa.explain(pil, question["question"], method=methods, layer=self.config.layer)
+            result = self.vqa.explain(pil, question["question"], method=methods, layer=self.config.layer,
+                                      max_targets_per_backward=self.config.max_targets_per_backward)
         except ValueError as error:
             return [Skip("question", question.get("question_id"), str(error)).as_line(k)]
         return self.scorer.answer(k, image_id, question, result, mask, methods)

@@ -26,8 +26,10 @@ class GuidedGradCAM(PixelMethod):
     base = "gradcam"
 
     def input_pass(self, model: nn.Module, inputs: Inputs, targets: Sequence[Target], *, image_key: str | None,
-                   batched: bool | str, eval_mode: bool) -> torch.Tensor:
-        return guided_backprop(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode)
+                   batched: bool | str, eval_mode: bool, max_targets_per_backward: int | None = None,
+                   ) -> torch.Tensor:
+        return guided_backprop(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode,
+                               max_targets_per_backward=max_targets_per_backward)
 
     def fuse(self, pixels: torch.Tensor, cam_maps: torch.Tensor) -> torch.Tensor:
         return pixels * cam_maps.unsqueeze(2)
@@ -38,11 +40,13 @@ class GuidedGradCAM(PixelMethod):
 
 def guided_gradcam(model: nn.Module, inputs: Inputs, targets: Sequence[Target], layer: nn.Module | str,
                    method: str = "gradcam", *, image_key: str | None = None, batched: bool | str = "auto",
-                   eval_mode: bool = True, **explain_kwargs) -> torch.Tensor:
+                   eval_mode: bool = True, max_targets_per_backward: int | None = None,
+                   **explain_kwargs) -> torch.Tensor:
     """(T, B, C, H, W): ``GuidedGradCAM.fuse`` of Guided Backprop and ``method``'s (unnormalized)
     CAM map; ``explain(..., method="guided-gradcam").pixel_maps`` is its per-pixel map."""
     rule = GuidedGradCAM()
-    guided = rule.input_pass(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode)
-    maps = explain(model, inputs, targets, layer, method, image_key=image_key, batched=batched,
-                   eval_mode=eval_mode, **explain_kwargs).upsample(guided.shape[-2:])
+    guided = rule.input_pass(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode,
+                             max_targets_per_backward=max_targets_per_backward)
+    maps = explain(model, inputs, targets, layer, method, image_key=image_key, batched=batched, eval_mode=eval_mode,
+                   max_targets_per_backward=max_targets_per_backward, **explain_kwargs).upsample(guided.shape[-2:])
     return rule.fuse(guided, maps.to(guided.device))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..engine.gradients import Target, check_targets, target_gradients, target_scores
+from ..engine.gradients import Target, check_max_targets, check_targets, target_gradients, target_scores
 from ..engine.inputs import Inputs, call_model, image_of, with_image
 from ..engine.relu import ReLUBackwardRule
 from ..engine.state import preserved_state
@@ -16,8 +16,9 @@ from ..engine.state import preserved_state
 
 def _input_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target], relu_rule: str | None,
                      *, image_key: str | None = None, batched: bool | str = "auto",
-                     eval_mode: bool = True) -> torch.Tensor:
+                     eval_mode: bool = True, max_targets_per_backward: int | None = None) -> torch.Tensor:
     """(T, B, C, H, W) gradient of each target with respect to the image input."""
+    check_max_targets(max_targets_per_backward)
     targets = check_targets(targets)
     image = image_of(inputs, image_key).detach().clone().requires_grad_(True)
     model_inputs = with_image(inputs, image, image_key)
@@ -26,7 +27,7 @@ def _input_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target]
         with rule:
             output = call_model(model, model_inputs)
         scores = target_scores(targets, output, int(image.shape[0]))
-        (gradients,) = target_gradients(scores, [image], batched)
+        (gradients,) = target_gradients(scores, [image], batched, max_targets_per_backward)
     if relu_rule and rule.calls == 0:
         warnings.warn(f"{relu_rule}: the model made no ReLU call, so this is the plain input gradient",
                       stacklevel=3)
