@@ -3,6 +3,7 @@
     python scripts/bench_caption.py                 # BLIP-base-sized random model at 384 px + the default captioner
     python scripts/bench_caption.py --skip-blip     # only the default captioner
     python scripts/bench_caption.py --skip-blip --method relevance   # or attention-gradcam, or a CAM method
+    python scripts/bench_caption.py --device cuda --dtype bfloat16    # on a GPU (the card is printed)
 
 "One word" is a single target (one forward, one backward). "All words, batched" is our path:
 one forward and one batched backward for every word. "Per-word loop" is what tools without
@@ -21,13 +22,14 @@ from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.tasks import captioning
+from mmgradcam.engine.device import resolve_device
 from mmgradcam.engine.registry import is_attention_method
 from mmgradcam.tasks.captioning import word_readout, word_targets
 
 CAPTION = "a man in a red shirt rides a bike down the street"  # 11 words
 
 
-def blip_base_captioner():
+def blip_base_captioner(device: torch.device | str = "cpu", dtype: str | None = None):
     """A BLIP-base-sized BlipForConditionalGeneration with random weights (nothing is downloaded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, PreTrainedTokenizerFast
@@ -46,14 +48,21 @@ def blip_base_captioner():
     config = BlipConfig(text_config={"vocab_size": len(words), "bos_token_id": vocab["[DEC]"], "pad_token_id": 0,
                                      "sep_token_id": 3, "eos_token_id": 3})
     model = BlipForConditionalGeneration(config).eval()
-    return captioning.load(model, tokenizer=tokenizer, image_processor=BlipImageProcessor())
+    return captioning.load(model, tokenizer=tokenizer, image_processor=BlipImageProcessor(), device=device, dtype=dtype)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time it to the end
 
 
 def timed(fn, repeats: int):
     times, result = [], None
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         result = fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -61,8 +70,8 @@ def timed(fn, repeats: int):
 def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, method: str = "gradcam") -> None:
     tokens = captioner.tokenize(caption)
     inputs, _ = captioner.preprocess(image)
-    model_inputs = captioner.batch_inputs(inputs["pixel_values"], [tokens])
-    per_word, _ = word_targets(tokens, captioner.text_logits_from_end)
+    model_inputs = captioner.to_device(captioner.batch_inputs(inputs["pixel_values"], [tokens]))
+    per_word, _ = word_targets(tokens, captioner.text_logits_from_end, device=captioner.device)
     layer, options = captioner.resolve_layer(None), dict(captioner.layer_options)
     rows = model_inputs[getattr(captioner, "input_key", "input_ids")].shape[1]
     if is_attention_method(method):  # the attention methods read the model's attention, not a layer
@@ -70,7 +79,8 @@ def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, 
 
     def run(targets):
         extra = {"readout": word_readout(targets, rows)} if "attention" in options else {}
-        return mg.explain(captioner.model, model_inputs, targets, layer, method, **options, **extra).layer_maps
+        return mg.explain(captioner.model, model_inputs, targets, layer, method, dtype=captioner.dtype,
+                          **options, **extra).layer_maps
 
     def one_word():
         return run(per_word[:1])
@@ -99,14 +109,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-blip", action="store_true")
     parser.add_argument("--method", default="gradcam", help="one method: a CAM method, attention-gradcam or relevance")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({card}), dtype {args.dtype}")
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8"))
     print(f"{torch.get_num_threads()} threads")
     if not args.skip_blip:
-        bench("BLIP-base-sized random BlipForConditionalGeneration (384 px)", blip_base_captioner(), image, CAPTION,
+        bench("BLIP-base-sized random BlipForConditionalGeneration (384 px)", blip_base_captioner(device, args.dtype), image, CAPTION,
               args.repeats, args.method)
-    default = captioning.load("default")
+    default = captioning.load("default", device=device, dtype=args.dtype)
     from mmgradcam.data.shapes import make_image
 
     pixels, _, _ = make_image(3, seed=11)
