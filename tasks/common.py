@@ -102,15 +102,17 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
-        """The device the model's weights are on: inputs go there, maps come back on the CPU."""
-        return module_device(self.model)
+        """The device the model's weights are on: inputs go there, maps come back on the CPU (the
+        CPU for an adapter that holds no model yet)."""
+        model = getattr(self, "model", None)
+        return module_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
 
     def place(self, device: DeviceSpec = "auto", dtype: DtypeSpec = None) -> "Adapter":
         """Move the model to ``device`` ("auto": CUDA, else MPS, else the CPU) and run its forwards
         in ``dtype`` (autocast; None / "float32" for full precision). Returns self."""
         target = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        if self.device != target:
+        if self.device != target and isinstance(getattr(self, "model", None), nn.Module):
             self.model.to(target)
         return self
 
