@@ -10,3 +10,21 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_captioner():
+    """The shipped default captioner (tests must not change it; those that train copy it)."""
+    from mmgradcam.tasks import captioning
+
+    return captioning.load("default")
+
+
+@pytest.fixture(scope="session")
+def shapes_image():
+    """A shapes-world image from a seed no split uses (PIL, 128 px)."""
+    from PIL import Image
+
+    from mmgradcam.data.shapes import make_image
+
+    return Image.fromarray(make_image(0, seed=31_337, size=128)[0])

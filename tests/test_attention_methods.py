@@ -95,18 +95,6 @@ def test_joint_relevance_is_identity_plus_weighted_attention_for_one_layer():
     assert torch.allclose(Relevance().layer_map(computed)[0, 0], expected, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def default_captioner():
-    return captioning.load("default")
-
-
-@pytest.fixture(scope="module")
-def shapes_image():
-    from mmgradcam.data.shapes import make_image
-    pixels, objects, _ = make_image(0, seed=31_337, size=128)
-    return Image.fromarray(pixels)
-
-
 @pytest.mark.parametrize("method", ["relevance", "attention-gradcam"])
 def test_batched_equals_looped_for_all_words(default_captioner, shapes_image, method):
     batched = default_captioner.explain(shapes_image, method=method, batched=True)

@@ -6,13 +6,12 @@ import warnings
 
 import pytest
 import torch
-from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.engine import gradients
 from mmgradcam.engine.gradients import target_gradients, target_scores
 from mmgradcam.targets import ClassLogProb, ClassScore
-from mmgradcam.tasks import captioning, vqa
+from mmgradcam.tasks import vqa
 from models import GapLinear
 
 BAD_VALUES = [0, -3, 1.5, "4", True]
@@ -169,18 +168,6 @@ def test_explain_passes_the_chunk_size_on(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- default models, end to end
-@pytest.fixture(scope="module")
-def default_captioner():
-    return captioning.load("default")
-
-
-@pytest.fixture(scope="module")
-def shapes_image():
-    from mmgradcam.data.shapes import make_image
-    pixels, _, _ = make_image(0, seed=31_337, size=128)
-    return Image.fromarray(pixels)
-
-
 @pytest.fixture(scope="module")
 def caption(default_captioner, shapes_image):
     return default_captioner.generate(shapes_image)

@@ -18,13 +18,6 @@ from device_check import DefaultDeviceRecorder
 
 
 @pytest.fixture(scope="module")
-def shapes_image():
-    from mmgradcam.data.shapes import make_image
-    pixels, _, _ = make_image(0, seed=31_337, size=128)
-    return Image.fromarray(pixels)
-
-
-@pytest.fixture(scope="module")
 def photo():
     return Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
 

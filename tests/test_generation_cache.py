@@ -15,11 +15,6 @@ TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def default_captioner():
-    return captioning.load("default")
-
-
-@pytest.fixture(scope="module")
 def shapes_pixels(default_captioner):
     images = [Image.fromarray(make_image(i, seed=4242)[0]) for i in range(12)]
     return torch.cat([default_captioner.preprocess(image)[0]["pixel_values"] for image in images])
