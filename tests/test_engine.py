@@ -304,6 +304,45 @@ def test_zero_gradient_warning():
     assert torch.count_nonzero(exp.layer_maps) == 0
 
 
+def test_a_layer_whose_output_reaches_nothing_batched():
+    """LLaVA's last vision block: its output is unused (the projector reads the block before), so
+    torch materializes its batched gradient without the targets' dimension; the engine restores it."""
+    class SideBranch(GapLinear):
+        def forward(self, x):
+            features = self.relu(self.conv(x))
+            self.features(features * 2.0)  # run, never read
+            return self.fc(features.mean(dim=(2, 3)))
+
+    model = SideBranch()
+    with pytest.warns(UserWarning, match="every gradient at layer 'features' is zero"):
+        exp = mg.explain(model, torch.randn(2, 3, 8, 8), [ClassScore(0), ClassScore(1), ClassScore(2)], "features",
+                         batched=True, layout="bchw")
+    assert exp.layer_maps.shape[:2] == (3, 2) and torch.count_nonzero(exp.layer_maps) == 0
+
+
+def test_a_models_own_hook_on_the_layer_sees_the_captured_tensor():
+    """transformers records hidden states with hooks of its own (LLaVA's projector reads one): with
+    frozen weights the capture is a new leaf, and the model's hook must record it, not the original."""
+    class Recorded(GapLinear):
+        def __init__(self):
+            super().__init__()
+            self.recorded = []
+            self.features.register_forward_hook(lambda module, args, output: self.recorded.append(output))
+
+        def forward(self, x):
+            self.recorded.clear()
+            self.features(self.relu(self.conv(x)))
+            return self.fc(self.recorded[-1].mean(dim=(2, 3)))  # reads the hook's record
+
+    model = Recorded()
+    x = torch.randn(2, 3, 8, 8)
+    reference = mg.explain(model, x, [ClassScore(0), ClassScore(2)], "features").layer_maps
+    model.requires_grad_(False)
+    frozen = mg.explain(model, x, [ClassScore(0), ClassScore(2)], "features").layer_maps
+    torch.testing.assert_close(frozen, reference)
+    assert len(model.features._forward_hooks) == 1  # the model's own hook stays, ours is gone
+
+
 def test_mapping_inputs_and_input_size():
     class KeywordModel(GapLinear):
         def forward(self, pixel_values, scale):

@@ -83,7 +83,9 @@ class ActivationCapture:
     def __enter__(self) -> "ActivationCapture":
         try:
             for name, module in self.modules:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                # first among the module's hooks: a model's own hooks that record the layer's output
+                # (transformers' hidden states, which LLaVA's projector reads) see the captured tensor
+                self._handles.append(module.register_forward_hook(self._hook(name), prepend=True))
         except BaseException:
             self.remove()
             raise

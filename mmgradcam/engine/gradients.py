@@ -83,7 +83,10 @@ def _batched_grads(scores: torch.Tensor, tensors: Sequence[torch.Tensor], start:
         scores, tensors, grad_outputs=grad_outputs, is_grads_batched=True,
         retain_graph=True, allow_unused=True, materialize_grads=True,
     )
-    return list(grads)
+    # torch materializes the gradient of an unused tensor without the targets' dimension (a layer
+    # whose output reaches nothing, e.g. a vision block after the one a projector reads)
+    return [g if g.shape[1:] == t.shape and g.shape[0] == count else g.new_zeros((count, *t.shape))
+            for g, t in zip(grads, tensors)]
 
 
 def check_max_targets(value: Any) -> int | None:
