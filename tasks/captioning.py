@@ -247,6 +247,13 @@ class Captioner(Adapter):
                                     method=name, layer_name="LM head at the image tokens")
         return out
 
+    def set_prompt(self, prompt: str) -> None:
+        """The text the model is asked to caption with (chat VLMs' user turn); a family that reads
+        no prompt refuses one."""
+        able = sorted({r.family for r in registered_adapters("captioning") if hasattr(r.adapter, "prompt_text")})
+        raise ValueError(f"the {self.family!r} family captions without a prompt; prompt= / --prompt applies to "
+                         f"chat VLMs ({', '.join(able)})")
+
     def preprocess(self, image: ImageLike) -> tuple[dict[str, torch.Tensor], Any]:
         raise NotImplementedError
 
@@ -432,7 +439,7 @@ class Captioner(Adapter):
 
 def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tokenizer: Any = None,
          image_processor: Any = None, trust_remote_code: bool = False, device: DeviceSpec = "auto",
-         dtype: DtypeSpec = None) -> Captioner:
+         dtype: DtypeSpec = None, prompt: str | None = None) -> Captioner:
     """A captioner: "default" (shipped), a directory holding a default-family model, a Hugging Face
     model id or save_pretrained directory, or a transformers model object with its processor (any
     family registered for captioning; README lists them). ``trust_remote_code`` stays off unless
@@ -441,6 +448,10 @@ def load(name: str | Path | nn.Module = "default", processor: Any = None, *, tok
     device: "auto" (CUDA, else Apple MPS, else the CPU), "cpu", "cuda", "cuda:1", "mps"; a model
     object stays on its device unless one is named. dtype: None / "float32", "bfloat16" or
     "float16": the forwards run under autocast in that precision (the weights are not cast); maps
-    and scores come back on the CPU in float32."""
-    return load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
-                        trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    and scores come back on the CPU in float32. prompt: the user turn's text a chat VLM (LLaVA) is
+    asked to caption with (None: the family's own, "Describe the image." by default)."""
+    captioner = load_adapter("captioning", name, processor, tokenizer=tokenizer, image_processor=image_processor,
+                             trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    if prompt is not None:
+        captioner.set_prompt(prompt)
+    return captioner

@@ -134,6 +134,8 @@ class HFAdapter(Adapter):
     """What every transformers adapter shares: the tokenizer, the image processor (its geometry,
     measured once per image size, and its normalization) and the question check."""
 
+    # the loader hands the whole processor to a family that lays out its inputs with it (chat VLMs)
+    needs_processor = False
     # generate() reuses past keys/values (a checkpoint's config may say use_cache=false, e.g. after
     # training with gradient checkpointing); a family whose decoder cannot cache sets this False
     generation_cache = True
@@ -270,6 +272,14 @@ def load_hf(request: LoadRequest) -> Adapter:
         adapter = registration.adapter
         model = from_pretrained(getattr(transformers, registration.model_class), name, request.trust_remote_code)
         source = name
+    if getattr(adapter, "needs_processor", False):  # the family lays out its inputs with the whole processor
+        processor = request.processor
+        if processor is None:
+            if source is None:
+                raise ValueError(f"a {type(model).__name__} object needs its processor (processor=...)")
+            processor = from_pretrained(transformers.AutoProcessor, source, request.trust_remote_code)
+        return adapter(model, request.tokenizer or processor.tokenizer,
+                       request.image_processor or processor.image_processor, name=name, processor=processor)
     tokenizer, image_processor = request.tokenizer, request.image_processor
     if request.processor is not None:
         tokenizer = tokenizer or getattr(request.processor, "tokenizer", None)

@@ -192,18 +192,16 @@ class VQAModel(Adapter):
             targets[-1] = Difference(targets[0], targets[-1])
         names = self.method_choice(self.default_method if method is None else method)
         readout = [name for name in names if is_readout_method(name)]
-        if readout:  # no VQA family puts its image tokens in a language model's sequence (yet)
+        if readout:  # TAM reads caption words; an answer has no such readout here
             able = sorted({r.family for r in registered_adapters("captioning")
                            if getattr(r.adapter, "image_tokens_in_text", False)})
-            raise ValueError(f"method {readout[0]!r} is not available for VQA ({self.family!r}); it needs image tokens "
-                             f"in the text sequence. Captioning families that support it: {', '.join(able)}")
+            raise ValueError(f"method {readout[0]!r} reads caption words and is not available for VQA ({self.family!r}). "
+                             f"Captioning families that support it: {', '.join(able)}")
         attention = {}
         if any(is_attention_method(n) for n in names):
             attention = {"attention": self.attention_graph(inputs), "readout": self.answer_readout(inputs, targets)}
-        with self.forward_context():
-            exps = mg.explain(self.model, inputs, targets, self.resolve_layer(layer), names,
-                              counterfactual=counterfactual, batched=batched, image_key="pixel_values",
-                              max_targets_per_backward=max_targets_per_backward, **self.layer_options, **attention)
+        exps = self.run_engine(inputs, targets, layer, names, attention, counterfactual=counterfactual,
+                               batched=batched, max_targets_per_backward=max_targets_per_backward)
         exps = {name: exp.results_on("cpu") for name, exp in exps.items()}  # results: CPU, float32
         count = len(answers)
 
@@ -230,6 +228,15 @@ class VQAModel(Adapter):
             alphas=None if weights is None else weights[:count, 0], method_maps=method_maps,
             guided_maps=None if pixel is None else method_maps[pixel][0],
         )
+
+    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
+                   names: Sequence[str], attention: dict[str, Any], **options: Any) -> dict[str, Any]:
+        """{method: Explanation} for the answers' targets from the engine (one forward and one
+        batched backward per kind of method); a family whose answers run as several rows over one
+        image (chat VLMs) says how its targets meet the explained layer."""
+        with self.forward_context():
+            return mg.explain(self.model, inputs, targets, self.resolve_layer(layer), list(names),
+                              image_key="pixel_values", **options, **self.layer_options, **attention)
 
     def answer_probabilities(self, inputs: dict[str, torch.Tensor], answers: Sequence[str]) -> list[float]:
         raise NotImplementedError
