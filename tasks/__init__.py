@@ -4,5 +4,5 @@ The shared bases come first; then each model family's file, which registers its 
 adapter classes on import (``common.register_loader`` / ``common.register_adapter``). The shared
 modules never import a family file: this list is the only place that names them.
 """
-from . import captioning, common, hf, vqa  # noqa: F401  (the shared bases, before any family)
-from . import blip, default, git, vilt, vit_gpt2  # noqa: F401  (families register themselves)
+from . import captioning, chat_vlm, common, hf, vqa  # noqa: F401  (the shared bases, before any family)
+from . import blip, default, git, llava, vilt, vit_gpt2  # noqa: F401  (families register themselves)

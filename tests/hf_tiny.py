@@ -113,3 +113,42 @@ def tiny_vilt(max_image_length: int = -1):
     model = ViltForQuestionAnswering(config).eval()
     processor = ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8)
     return model, tokenizer, processor
+
+
+# LLaVA-1.5's chat template (llava-hf), without its {% generation %} markers
+LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+                  "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+                  "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+                  "'text') %}{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def tiny_llava(image_size: int = 56, patch_size: int = 14, vision_layers: int = 3, seed: int = 0):
+    """A tiny LLaVA-1.5: CLIP vision tower, Llama decoder, the byte-level BPE tokenizer with
+    ``<image>`` as an added special token and LLaVA's chat template, LlavaProcessor with a CLIP
+    image processor (resize the short side, center crop). Returns (model, processor)."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    tokenizer.model_max_length = 512
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE)
+    return model, processor

@@ -16,7 +16,7 @@ from mmgradcam.tasks.hf import HFAdapter, first_words, word_spans
 from mmgradcam.tasks.text import is_word
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"common", "captioning", "vqa", "hf"}
+SHARED = {"common", "captioning", "vqa", "hf", "chat_vlm"}
 IMAGE = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype("uint8"))
 
 
@@ -125,7 +125,7 @@ def _families() -> set[str]:
 
 def test_shared_modules_name_no_family():
     families = _families()
-    assert {"default", "blip", "git", "vit_gpt2", "vilt"} <= families
+    assert {"default", "blip", "git", "vit_gpt2", "vilt", "llava"} <= families
     for shared in SHARED:
         name = f"mmgradcam.tasks.{shared}"
         assert not {m.rpartition(".")[2] for m in GRAPH[name]} & families, shared
@@ -147,7 +147,9 @@ def test_every_family_registered_itself():
                        ("captioning", "git", "GitForCausalLM", "git"),
                        ("captioning", "vision-encoder-decoder", "VisionEncoderDecoderModel", "vit_gpt2"),
                        ("vqa", "blip", "BlipForQuestionAnswering", "blip"),
-                       ("vqa", "vilt", "ViltForQuestionAnswering", "vilt")}
+                       ("vqa", "vilt", "ViltForQuestionAnswering", "vilt"),
+                       ("captioning", "llava", "LlavaForConditionalGeneration", "llava"),
+                       ("vqa", "llava", "LlavaForConditionalGeneration", "llava")}
     assert [name for _, name, _ in common._LOADERS][-1] == "transformers"  # the catch-all comes last
     assert "default" in [name for _, name, _ in common._LOADERS]
 
