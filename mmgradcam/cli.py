@@ -87,7 +87,7 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     from .tasks.geometry import load_image
 
     pil = load_image(image, what="IMAGE")
-    captioner = captioning.load(args.model, **_placement(args))
+    captioner = captioning.load(args.model, **_placement(args), prompt=args.prompt)
     method = args.method or captioner.default_method
     compare = _compare_method(captioner, args.compare_method, method)
     # every method, the compared one included, from one forward and backward pass (the report gets
@@ -102,6 +102,8 @@ def _explain_caption(image, args: argparse.Namespace, out: Path):
     methods = result.methods
     arrays = result.arrays()
     summary = {**result.summary(), "methods": methods}
+    if getattr(captioner, "prompt", None) is not None:  # a chat VLM: the user turn the caption answers
+        summary["prompt"] = captioner.prompt
     if args.explain_text:
         from .eval.dissect import explain_text
 
@@ -148,6 +150,9 @@ def _placement(args: argparse.Namespace) -> dict:
 def _add_caption_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     _add_device_options(parser)
     parser.add_argument("--model", default="default", help="'default', a model directory (or HF id)")
+    parser.add_argument("--prompt", default=None,
+                        help="chat VLMs (LLaVA): the user turn's text the caption answers (default: the family's, "
+                             "'Describe the image.')")
     parser.add_argument("--method", default=None,
                         help=_method_help("; maps@METHOD in maps.npz, a method switch in the report"))
     parser.add_argument("--compare-method", default=None,
@@ -399,7 +404,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         skip_captions=args.captions is None, function_words=not args.no_function_words,
         perturbation_questions=args.perturbation_questions, device=args.device,
         dtype=None if args.dtype == "float32" else args.dtype,
-        max_targets_per_backward=args.max_targets_per_backward,
+        max_targets_per_backward=args.max_targets_per_backward, prompt=args.prompt,
     )
     from .engine.device import resolve_device
 
@@ -478,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--answers", type=Path, default=None, help="VQA v2 annotations json with object_ids")
     evaluate.add_argument("--model", default="default", help="captioner: 'default', a directory or HF id")
     evaluate.add_argument("--vqa-model", default="default", help="VQA model: 'default', a directory or HF id")
+    evaluate.add_argument("--prompt", default=None,
+                          help="chat VLM captioners (LLaVA): the user turn's text (default: 'Describe the image.')")
     evaluate.add_argument("--method", default=None,
                           help=_method_help("; every method's maps are scored, the baselines once per word"))
     evaluate.add_argument("--layer", default=None)

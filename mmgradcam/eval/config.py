@@ -30,6 +30,7 @@ class EvalConfig:
     device: str = "auto"  # where the models run ("auto": CUDA, else MPS, else the CPU)
     dtype: str | None = None  # the forwards' precision (None: float32; "bfloat16", "float16")
     max_targets_per_backward: int | None = None  # targets per batched backward (None: auto); same maps
+    prompt: str | None = None  # a chat VLM captioner's user turn (None: the family's own)
 
 
     def identity(self) -> dict:
@@ -40,4 +41,6 @@ class EvalConfig:
         keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
         keep.pop("device")  # where it runs does not change what is computed (the dtype does)
         keep.pop("max_targets_per_backward")  # memory only: chunked maps equal unchunked ones
+        if keep["prompt"] is None:
+            keep.pop("prompt")  # runs from before prompts resume
         return keep

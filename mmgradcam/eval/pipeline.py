@@ -71,7 +71,8 @@ class Evaluation:
         if self._captioner is None:
             from mmgradcam.tasks import captioning
 
-            self._captioner = captioning.load(self.config.model, device=self.config.device, dtype=self.config.dtype)
+            self._captioner = captioning.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
+                                              prompt=self.config.prompt)
         return self._captioner
 
     @property
