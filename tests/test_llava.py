@@ -260,3 +260,17 @@ def test_cli_caption_with_a_prompt(saved, tmp_path):
     expected = captioning.load(str(saved), prompt=prompt).explain(IMAGE, CAPTION).word_logprobs
     assert written == pytest.approx(expected, rel=1e-4)
     assert written != pytest.approx(captioning.load(str(saved)).explain(IMAGE, CAPTION).word_logprobs, rel=1e-4)
+
+
+def test_eval_with_a_prompt(saved, tmp_path):
+    from mmgradcam.data.shapes import write_split
+
+    paths = write_split(tmp_path / "data", "test", 2, seed=1)
+    result = subprocess.run([sys.executable, "-m", "mmgradcam.cli", "eval", "--instances", str(paths["instances"]),
+                             "--captions", str(paths["captions"]), "--images", str(paths["images"]), "--references",
+                             "--model", str(saved), "--prompt", "Describe the shapes.", "--method", "gradcam,relevance",
+                             "--quiet", "--out", "ev"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["images"] == 2 and summary["config"]["prompt"] == "Describe the shapes."
+    assert json.loads((tmp_path / "ev" / "run.json").read_text())["prompt"] == "Describe the shapes."
