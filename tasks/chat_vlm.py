@@ -48,13 +48,13 @@ from mmgradcam.engine import preserved_state, resolve_layer
 from mmgradcam.engine.attention import AttentionGraph
 from mmgradcam.engine.explanation import Explanation
 from mmgradcam.engine.layouts import FunctionLayout
-from mmgradcam.engine.registry import get_method, is_attention_method
+from mmgradcam.engine.registry import is_attention_method, is_pixel_method
 from mmgradcam.targets import logits_of
 
 from .captioning import CaptionTokens
 from .geometry import AxisAligned, ImageLike, load_image
-from .hf import HFAdapter, HFCaptioner, align_words, attention_modules, eager_attention, first_words, vit_grid, \
-    word_spans
+from .hf import (HFAdapter, HFCaptioner, align_words, attention_modules, eager_attention, first_words, vit_grid,
+                 word_spans)
 from .text import is_word
 from .vqa import Difference, VQAModel
 
@@ -301,9 +301,9 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         prompt = self.prompt_ids(self.prompt)
         ids = torch.tensor([prompt] * len(images), device=self.device)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
-            out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    max_new_tokens=self.max_new_tokens, num_beams=beam_size, do_sample=False,
-                                    use_cache=self.generation_cache)
+            out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
+                                    attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                    num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
         texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
         return [first_words(text.strip(), max_words) for text in texts]
 
@@ -444,7 +444,7 @@ class ChatVQA(ChatVLM, VQAModel):
         target's maps are summed over the rows (its gradient is zero outside its own rows)."""
         on_rows = [n for n in names if is_attention_method(n)]
         if self.in_language_model(layer):
-            pixel = [n for n in names if not is_attention_method(n) and not hasattr(get_method(n), "weights")]
+            pixel = [n for n in names if is_pixel_method(n)]
             if pixel:
                 raise ValueError(f"{pixel[0]} needs a layer of the image encoder, not of the language model")
             on_rows = list(names)

@@ -188,7 +188,8 @@ def test_generated_caption_and_prompt(saved):
     prompted = captioning.load(str(saved), prompt="What is in the picture?")
     assert prompted.prompt_text(prompted.prompt).endswith("What is in the picture? ASSISTANT:")
     tokens = prompted.tokenize(CAPTION)
-    assert tokens.input_ids.tolist() == _by_hand_inputs(prompted, CAPTION, "What is in the picture?")["input_ids"].tolist()
+    by_hand = _by_hand_inputs(prompted, CAPTION, "What is in the picture?")
+    assert tokens.input_ids.tolist() == by_hand["input_ids"].tolist()
     caption = prompted.generate(IMAGE, max_words=3)
     assert caption == prompted.generate_batch([IMAGE])[0][:len(caption)]
     with pytest.raises(ValueError, match="captions without a prompt; .*llava"):
