@@ -29,7 +29,7 @@ class EvalConfig:
     perturbation_questions: int = 0  # Chefer's perturbation test on the first N VQA questions
     device: str = "auto"  # where the models run ("auto": CUDA, else MPS, else the CPU)
     dtype: str | None = None  # the forwards' precision (None: float32; "bfloat16", "float16")
-
+    workers: int | None = None  # decoding processes ahead of the model (None: min(4, CPUs - 1); 0: main process)
 
     def identity(self) -> dict:
         """What must match for a rerun to resume (not batch-independent knobs like progress)."""
@@ -38,4 +38,5 @@ class EvalConfig:
         keep.pop("faithfulness_images")
         keep.pop("perturbation_questions")  # a study at the end, like the two above: not the run's identity
         keep.pop("device")  # where it runs does not change what is computed (the dtype does)
+        keep.pop("workers")  # nor who decodes the images
         return keep
