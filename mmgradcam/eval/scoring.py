@@ -22,7 +22,8 @@ import torch
 from scipy import ndimage
 
 from .coco import CocoData, Skip
-from .metrics import TOLERANCE_PX, center_gaussian, near_mask, score_batch, score_maps, uniform_random
+from .metrics import (TOLERANCE_PX, center_gaussian, chunk_elements, near_mask, score_batch, score_maps,
+                      uniform_random)
 from .words import MappedWord, WordMapper
 
 # (by category, by color, all objects' union or None): the masks a caption word can be scored on
@@ -156,12 +157,16 @@ class _Rows:
         for i, heatmap in enumerate(self.maps):
             groups.setdefault(tuple(heatmap.shape), []).append(i)
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        for members in groups.values():
-            maps = torch.stack([self.maps[i].to(dtype) for i in members]).to(self.device)
-            masks = torch.stack([self.targets[i][0].masks[self.targets[i][1]] for i in members]).to(self.device)
-            near = torch.stack([self.targets[i][0].near[self.targets[i][1]] for i in members]).to(self.device)
-            for i, row in zip(members, score_batch(maps, masks, near)):
-                scores[i] = row
+        budget = chunk_elements(self.device)
+        for shape, members in groups.items():
+            step = max(1, budget // (shape[0] * shape[1]))
+            for start in range(0, len(members), step):  # stacked chunk by chunk: stays in cache on a CPU
+                part = members[start:start + step]
+                maps = torch.stack([self.maps[i] for i in part]).to(self.device, dtype)  # float32 maps, float64 baselines
+                masks = torch.stack([self.targets[i][0].masks[self.targets[i][1]] for i in part]).to(self.device)
+                near = torch.stack([self.targets[i][0].near[self.targets[i][1]] for i in part]).to(self.device)
+                for i, row in zip(part, score_batch(maps, masks, near, max_elements=budget)):
+                    scores[i] = row
         return scores  # type: ignore[return-value]
 
 
