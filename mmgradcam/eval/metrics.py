@@ -24,10 +24,12 @@ computed for the method's map and for two baselines (a center Gaussian, uniform 
 ``METRIC_TABLE`` is the one list of metrics: scoring (``score_map``), the summary's aggregates and
 tables and the report's columns all read it, so a new metric is one ``register(Metric(...))``.
 
-Two ways to score, same numbers (tested to 1e-6): ``score_map`` / ``score_maps`` take one map at a
-time in numpy (the reference); ``score_batch`` takes N maps against N masks at once with torch on
-the maps' device (what ``mmgradcam eval`` uses). A metric with a ``batched`` function is computed
-for all rows at once; one without falls back to its numpy ``score`` row by row.
+Two ways to score, same numbers (bit for bit on the CPU, tested): ``score_map`` / ``score_maps``
+take one map at a time in numpy (the reference); ``score_batch`` takes N maps against N masks at
+once with torch on the maps' device (what ``mmgradcam eval`` uses). A metric with a ``batched``
+function is computed for all rows at once; one without falls back to its numpy ``score`` row by
+row. Two parts stay per row on the CPU: the box metrics' connected-component labelling (scipy) and
+the energy's two sums (numpy's order of additions, so that the last bit matches).
 """
 from __future__ import annotations
 
@@ -259,6 +261,14 @@ class MapsAndMasks:
         return torch.from_numpy(np.stack([near_mask(m, self.tolerance) for m in masks])).to(self.maps.device)
 
     @cached_property
+    def cpu_maps(self) -> np.ndarray:
+        return self.maps.cpu().numpy()
+
+    @cached_property
+    def cpu_masks(self) -> np.ndarray:
+        return self.masks.cpu().numpy()
+
+    @cached_property
     def peak_index(self) -> torch.Tensor:
         return self.maps.flatten(1).argmax(dim=1)  # the first of equal maxima, as numpy's argmax
 
@@ -301,7 +311,7 @@ class MapsAndMasks:
 
     def rows(self) -> Iterator[MapAndMask]:
         """Row by row in numpy (metrics without a batched version)."""
-        maps, masks = self.maps.cpu().numpy(), self.masks.cpu().numpy()
+        maps, masks = self.cpu_maps, self.cpu_masks
         near = self.__dict__.get("near")
         for i in range(len(maps)):
             # a distance of 0 inside ``near`` and beyond the tolerance outside reads as the transform
@@ -378,10 +388,9 @@ def _pointing_tolerance_batched(s: "MapsAndMasks") -> torch.Tensor:
 
 
 def _energy_batched(s: "MapsAndMasks") -> torch.Tensor:
-    mass = s.maps.clamp(min=0)
-    total = mass.sum(dim=(1, 2))
-    inside = torch.where(s.masks, mass, 0).sum(dim=(1, 2))  # (a float x bool product is far slower)
-    return torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0)
+    # numpy's sums, row by row on the CPU (about 0.05 ms a row): torch adds in another order and the
+    # last bit would differ from ``energy_inside``; with numpy's, results match the reference exactly
+    return torch.tensor([energy_inside(m, k) for m, k in zip(s.cpu_maps, s.cpu_masks)], dtype=torch.float64)
 
 
 def _iou_15_batched(s: "MapsAndMasks") -> torch.Tensor:
@@ -404,7 +413,9 @@ def _obj_iou_batched(s: "MapsAndMasks") -> torch.Tensor:
 
 def _func_iou_batched(s: "MapsAndMasks") -> torch.Tensor:
     above, _ = s.paper_counts
-    return (above.to(s.dtype) / (s.maps.shape[1] * s.maps.shape[2])).mean(dim=1)
+    # the shares' mean in numpy (N x 19 numbers): the same additions, so the same bits, as ``func_iou``
+    shares = above.cpu().numpy() / (s.maps.shape[1] * s.maps.shape[2])
+    return torch.from_numpy(np.mean(shares, axis=1))
 
 
 # Order matters: it is the key order of every scores dict in results.jsonl and summary.json (a
@@ -496,8 +507,8 @@ def chunk_elements(device: torch.device | str) -> int:
 def score_batch(maps: torch.Tensor, masks: torch.Tensor, near: torch.Tensor | None = None,
                 tolerance: float = TOLERANCE_PX, max_elements: int | None = None) -> list[dict[str, float]]:
     """Every metric of the table for N maps (N, H, W) against N masks (row i: ``maps[i]`` on
-    ``masks[i]``) with torch on the maps' device: ``score_map``'s numbers row by row (to float
-    rounding in the sums; tested to 1e-6). ``near``: pixels within ``tolerance`` of each mask
+    ``masks[i]``) with torch on the maps' device: ``score_map``'s numbers row by row (the same
+    bits on the CPU: tested). ``near``: pixels within ``tolerance`` of each mask
     (``near_mask``, computed when None). Rows go in chunks of at most ``max_elements`` pixels
     (default ``chunk_elements``), which bounds memory on large images."""
     if len(maps) == 0:
@@ -509,9 +520,8 @@ def score_batch(maps: torch.Tensor, masks: torch.Tensor, near: torch.Tensor | No
         part = slice(start, start + chunk)
         scored = MapsAndMasks(maps[part], masks[part], None if near is None else near[part], tolerance)
         batched = [m for m in METRIC_TABLE if m.batched is not None]
-        if batched:  # one transfer for all of them
-            values = torch.stack([m.batched(scored).to(torch.float64 if scored.dtype == torch.float64
-                                                         else torch.float32) for m in batched]).cpu().tolist()
+        if batched:  # (a few are summed in numpy on the CPU: see _energy_batched)
+            values = torch.stack([m.batched(scored).to("cpu", torch.float64) for m in batched]).tolist()
             for metric, column in zip(batched, values):
                 columns[metric.key] += column
         rest = [m for m in METRIC_TABLE if m.batched is None]

@@ -111,7 +111,7 @@ class Evaluation:
         return default_workers() if self.config.workers is None else self.config.workers
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         """Where the models run, and where scoring runs (the CPU for Apple MPS: no float64 there)."""
         from mmgradcam.engine.device import resolve_device
 
@@ -153,6 +153,11 @@ class Evaluation:
             total = sum(len(self.batches[k]) for k in range(len(self.batches)) if k % self.world == self.rank)
             bar = tqdm(total=total, initial=total - sum(len(self.batches[k]) for k in todo), unit="img",
                        desc=f"eval ({self.world} process{'es' if self.world > 1 else ''})")
+        if todo:  # models loaded before the loop: stage_seconds then accounts for its whole time
+            if not self.config.skip_captions:
+                self.methods("captions")
+            if self.questions:
+                self.methods("vqa")
         loop_start = time.perf_counter()
         for decoded in self._decoded(todo):
             k = decoded.index
