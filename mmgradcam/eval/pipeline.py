@@ -38,7 +38,7 @@ from .coco import CocoData, Skip
 from .config import EvalConfig
 from .loader import BatchDataset, DecodedBatch, DecodedImage, decoded_batches, default_workers
 from .metrics import METRICS
-from .scoring import AnswerJob, CaptionJob, Scorer, image_masks, scores_with_baselines, word_seed
+from .scoring import AnswerJob, CaptionJob, Scorer, scores_with_baselines, word_seed
 from .shards import read_complete_batches
 from .thumbnails import Thumbnails
 from .vqa_annotations import load_questions
