@@ -84,7 +84,12 @@ class MaskSet:
             return cls(empty, empty.clone(), {})
         stack = np.stack([np.asarray(m, dtype=bool) for _, m in keyed])
         near: dict[bytes, np.ndarray] = {}  # a category's and a color's mask are often the same
-        rows = [near.setdefault(m.tobytes(), near_mask(m, tolerance)) for m in stack]
+        rows = []
+        for m in stack:
+            key = m.tobytes()
+            if key not in near:
+                near[key] = near_mask(m, tolerance)
+            rows.append(near[key])
         return cls(torch.from_numpy(stack), torch.from_numpy(np.stack(rows)),
                    {key: i for i, (key, _) in enumerate(keyed)})
 
