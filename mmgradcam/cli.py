@@ -142,6 +142,17 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
                         help="the forward's precision (autocast; maps are computed in float32)")
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (a clear message otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _placement(args: argparse.Namespace) -> dict:
     """load()'s device and dtype from the command line."""
     return {"device": args.device, "dtype": args.dtype}
@@ -403,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sanity_images=args.sanity_images, faithfulness_images=args.faithfulness_images, seed=args.seed,
         skip_captions=args.captions is None, function_words=not args.no_function_words,
         perturbation_questions=args.perturbation_questions, device=args.device,
-        dtype=None if args.dtype == "float32" else args.dtype,
+        dtype=None if args.dtype == "float32" else args.dtype, workers=args.workers,
         max_targets_per_backward=args.max_targets_per_backward, prompt=args.prompt,
     )
     from .engine.device import resolve_device
@@ -501,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "is scored too, against the union of all objects in the image)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--workers", type=_non_negative_int, default=None,
+                          help="processes decoding images and masks ahead of the model (default: min(4, CPUs - 1); "
+                               "0: in the main process)")
     evaluate.add_argument("--html", action="store_true", help="also write report.html and the figures")
     evaluate.add_argument("--out", type=Path, required=True)
     _add_device_options(evaluate)

@@ -280,6 +280,12 @@ class Captioner(Adapter):
         """Captions for several images (at most ``max_words`` words each when given)."""
         raise NotImplementedError
 
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
+                             max_words: int | None = None) -> list[str]:
+        """``generate_batch`` on pixels already made by ``preprocess`` (concatenated, (B, ...)):
+        an evaluation decodes and preprocesses images ahead of the model, in worker processes."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate from preprocessed pixels")
+
     def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         """Batch the text inputs: right-pad ``input_ids`` (with ``pad_id``) and the extra inputs (0)."""
         length = max(t.input_ids.shape[1] for t in tokens)
@@ -350,10 +356,25 @@ class Captioner(Adapter):
                 if not caption.strip():
                     raise ValueError(f"the model generated an empty caption for image {i}; give one")
                 captions[i] = caption
-        tokens = [self.tokenize(c) for c in captions]
         prepared = [self.preprocess(pil) for pil in pils]
         pixel_values = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
-        return self._explain_tokens(self.batch_inputs(pixel_values, tokens), tokens, [g for _, g in prepared],
+        return self.explain_pixels(pixel_values, [g for _, g in prepared], captions, method=method, layer=layer,
+                                   counterfactual=counterfactual, batched=batched, select=select,
+                                   max_targets_per_backward=max_targets_per_backward)
+
+    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
+                       method: MethodSpec | None = None, layer: nn.Module | str | None = None,
+                       counterfactual: bool = False, batched: bool | str = "auto",
+                       select: Any = None, max_targets_per_backward: int | None = None,
+                       ) -> list[CaptionExplanation]:
+        """``explain_batch`` on pixels already made by ``preprocess`` (row i: ``captions[i]`` on the
+        image whose geometry is ``geometries[i]``): one forward and one batched backward for all
+        words. An evaluation preprocesses ahead of the model (worker processes) and calls this."""
+        if not len(pixel_values) == len(geometries) == len(captions):
+            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(pixel_values)} "
+                             f"images, {len(geometries)} geometries, {len(captions)} captions")
+        tokens = [self.tokenize(c) for c in captions]
+        return self._explain_tokens(self.batch_inputs(pixel_values, tokens), tokens, list(geometries),
                                     method=method, layer=layer, counterfactual=counterfactual, batched=batched,
                                     select=select, max_targets_per_backward=max_targets_per_backward)
 

@@ -295,11 +295,13 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions,
                              extra_inputs={self.mask_key: torch.ones_like(input_ids)}, text=caption)
 
-    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
-                       max_words: int | None = None) -> list[str]:
-        pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
+                             max_words: int | None = None) -> list[str]:
+        """The replies to the prompt for images already preprocessed (``generate_batch`` and the
+        eval pipeline's decoded batches)."""
+        pixels = pixel_values
         prompt = self.prompt_ids(self.prompt)
-        ids = torch.tensor([prompt] * len(images), device=self.device)
+        ids = torch.tensor([prompt] * len(pixels), device=self.device)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
             out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
                                     attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,

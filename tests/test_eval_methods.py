@@ -63,8 +63,9 @@ def runs(setup):
     evaluation = Evaluation(config(setup, root / "both", ",".join(METHODS)), progress=False)
     calls = {"captions": [], "vqa": []}
     captioner, vqa_model = evaluation.captioner, evaluation.vqa
-    explain_batch, explain = captioner.explain_batch, vqa_model.explain
-    captioner.explain_batch = lambda *a, **k: calls["captions"].append(k["method"]) or explain_batch(*a, **k)
+    # the loop explains preprocessed pixels (decoded ahead by its loader): explain_pixels
+    explain_pixels, explain = captioner.explain_pixels, vqa_model.explain
+    captioner.explain_pixels = lambda *a, **k: calls["captions"].append(k["method"]) or explain_pixels(*a, **k)
     vqa_model.explain = lambda *a, **k: calls["vqa"].append(k["method"]) or explain(*a, **k)
     evaluation.run()
     alone = {}
@@ -89,7 +90,7 @@ def test_each_method_lines_equal_a_single_method_run(runs):
             (second["word_index"] if second["kind"] == "word" else second["question_id"])
         assert first["center"] == second["center"] and first["random"] == second["random"]
     assert any(a["model"] != b["model"] for a, b in zip(lines[::2], lines[1::2]))  # the maps differ
-    # ONE explain_batch call per batch and ONE vqa.explain call per question, for both methods
+    # ONE explain_pixels call per batch and ONE vqa.explain call per question, for both methods
     assert runs["calls"]["captions"] == [METHODS] * runs["batches"]
     questions = {line["question_id"] for line in lines if line["kind"] == "answer"}
     assert len(runs["calls"]["vqa"]) >= len(questions) > 0 and all(m == METHODS for m in runs["calls"]["vqa"])

@@ -145,13 +145,20 @@ class CocoData:
             return None
         return mask
 
-    def target_masks(self, image_id: int, height: int, width: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[Skip]]:
-        """Union masks per category name and per color for one image, and the skipped annotations."""
+    def annotation_masks(self, image_id: int, height: int, width: int) -> list[tuple[dict, np.ndarray | None]]:
+        """Every annotation of the image with its mask (None: empty or unreadable), each decoded
+        once: the category, color, all-objects and question masks are unions of these."""
+        return [(ann, self.mask_of(ann, height, width)) for ann in self.annotations.get(image_id, [])]
+
+    def target_masks(self, image_id: int, height: int, width: int,
+                     decoded: list[tuple[dict, np.ndarray | None]] | None = None,
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[Skip]]:
+        """Union masks per category name and per color for one image, and the skipped annotations
+        (``decoded``: ``annotation_masks``' output, to reuse masks decoded already)."""
         by_category: dict[str, np.ndarray] = {}
         by_color: dict[str, np.ndarray] = {}
         skipped = []
-        for ann in self.annotations.get(image_id, []):
-            mask = self.mask_of(ann, height, width)
+        for ann, mask in decoded if decoded is not None else self.annotation_masks(image_id, height, width):
             if mask is None:
                 skipped.append(Skip("annotation", ann.get("id"), "empty (zero-area) or unreadable mask"))
                 continue
@@ -162,8 +169,12 @@ class CocoData:
                 by_color[color] = by_color.get(color, np.zeros_like(mask)) | mask
         return by_category, by_color, skipped
 
-    def object_mask(self, ids: list[int], image_id: int, height: int, width: int) -> np.ndarray | None:
+    def object_mask(self, ids: list[int], image_id: int, height: int, width: int,
+                    decoded: list[tuple[dict, np.ndarray | None]] | None = None) -> np.ndarray | None:
+        """The union of the masks of annotations ``ids`` of one image (None when none is usable)."""
         wanted = set(ids)
-        masks = [self.mask_of(a, height, width) for a in self.annotations.get(image_id, []) if a.get("id") in wanted]
-        masks = [m for m in masks if m is not None]
+        if decoded is None:
+            decoded = [(a, self.mask_of(a, height, width)) for a in self.annotations.get(image_id, [])
+                       if a.get("id") in wanted]
+        masks = [m for a, m in decoded if a.get("id") in wanted and m is not None]
         return np.any(masks, axis=0) if masks else None

@@ -31,6 +31,7 @@ class EvalConfig:
     dtype: str | None = None  # the forwards' precision (None: float32; "bfloat16", "float16")
     max_targets_per_backward: int | None = None  # targets per batched backward (None: auto); same maps
     prompt: str | None = None  # a chat VLM captioner's user turn (None: the family's own)
+    workers: int | None = None  # decoding processes ahead of the model (None: min(4, CPUs - 1); 0: main process)
 
 
     def identity(self) -> dict:
@@ -43,4 +44,5 @@ class EvalConfig:
         keep.pop("max_targets_per_backward")  # memory only: chunked maps equal unchunked ones
         if keep["prompt"] is None:
             keep.pop("prompt")  # runs from before prompts resume
+        keep.pop("workers")  # nor who decodes the images
         return keep

@@ -16,6 +16,11 @@ batch's captions are explained by ONE ``explain_batch`` call and each question b
 Gaussian, uniform random), which do not depend on the method, once per word. results.jsonl has
 one line per scored word (or answer) per method, with a "method" field; the baselines are the
 same on every method's line of a word.
+
+Each batch goes through five stages, timed in ``Evaluation.stage_seconds``: decode (images and
+masks, by DataLoader workers ahead of the model: loader.py; the main process only waits), generate
+(the captions), explain (one forward and one batched backward for all words; VQA questions), score
+(every word of the batch at once, with torch on the model's device: scoring.py) and write.
 """
 from __future__ import annotations
 
@@ -23,15 +28,19 @@ import dataclasses
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from mmgradcam.engine.registry import method_names
 
 from . import shards
 from .coco import CocoData, Skip
 from .config import EvalConfig
+from .loader import BatchDataset, DecodedBatch, DecodedImage, decoded_batches, default_workers
 from .metrics import METRICS
-from .scoring import Scorer, image_masks, scores_with_baselines, word_seed
+from .scoring import AnswerJob, CaptionJob, Scorer, scores_with_baselines, word_seed
 from .shards import read_complete_batches
 from .thumbnails import Thumbnails
 from .vqa_annotations import load_questions
@@ -41,6 +50,8 @@ from .words import WordMapper, load_synonyms
 RESULTS, SHARDS = shards.RESULTS, shards.SHARDS
 _word_seed = word_seed
 _scores_with_baselines = scores_with_baselines
+
+STAGES = ("decode", "generate", "explain", "score", "write")
 
 
 class Evaluation:
@@ -64,6 +75,10 @@ class Evaluation:
         self._captioner = None
         self._vqa = None
         self._methods: dict[str, list[str]] = {}
+        # seconds spent in each stage by the batch loop (cheap perf_counter sums; results do not
+        # depend on them), and the loop's own wall time: the benchmark's breakdown
+        self.stage_seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.loop_seconds = 0.0
 
     # models are loaded lazily so a finished run can be re-summarized without them
     @property
@@ -94,6 +109,28 @@ class Evaluation:
         return self._methods[task]
 
     @property
+    def workers(self) -> int:
+        """Decoding processes: ``config.workers``, or ``default_workers()`` when None."""
+        return default_workers() if self.config.workers is None else self.config.workers
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models run, and where scoring runs (the CPU for Apple MPS: no float64 there)."""
+        from mmgradcam.engine.device import resolve_device
+
+        model = self.captioner if not self.config.skip_captions else self.vqa
+        device = model.device
+        return device if device.type != "mps" else resolve_device("cpu")
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] += time.perf_counter() - start
+
+    @property
     def batches(self) -> list[list[int]]:
         size = self.config.batch_size
         return [self.image_ids[k:k + size] for k in range(0, len(self.image_ids), size)]
@@ -119,13 +156,23 @@ class Evaluation:
             total = sum(len(self.batches[k]) for k in range(len(self.batches)) if k % self.world == self.rank)
             bar = tqdm(total=total, initial=total - sum(len(self.batches[k]) for k in todo), unit="img",
                        desc=f"eval ({self.world} process{'es' if self.world > 1 else ''})")
-        for k in todo:
-            lines = self.process_batch(k)
-            shards.append_batch(shard, lines, k)
+        if todo:  # models loaded before the loop: stage_seconds then accounts for its whole time
+            if not self.config.skip_captions:
+                self.methods("captions")
+            if self.questions:
+                self.methods("vqa")
+        loop_start = time.perf_counter()
+        for decoded in self._decoded(todo):
+            k = decoded.index
+            lines = self._process(decoded)
+            with self._stage("write"):  # the maps first, so a resumed batch rewrites the same file
+                self.thumbnails.save(self.out, k)
+                shards.append_batch(shard, lines, k)
             images_done += len(self.batches[k])
             if bar is not None:
                 bar.update(len(self.batches[k]))
                 bar.set_postfix(img_s=f"{images_done / max(time.time() - start, 1e-9):.1f}")
+        self.loop_seconds += time.perf_counter() - loop_start
         if bar is not None:
             bar.close()
         distributed.barrier(self.world)
@@ -146,52 +193,98 @@ class Evaluation:
                 skipped.append(Skip("image", image_id, str(error)))
         return loaded, skipped
 
+    def dataset(self) -> BatchDataset:
+        """The run's batches as a dataset of decoded batches (loader.py)."""
+        preprocess = None if self.config.skip_captions else self.captioner.preprocess
+        return BatchDataset(self.data, self.batches, preprocess, self.questions)
+
+    def _decoded(self, todo: list[int]) -> Iterator[DecodedBatch]:
+        """Batches ``todo`` decoded (by workers ahead of the model), on the model's device; the
+        time the loop waits for them and their transfer is the decode stage."""
+        if not todo:
+            return
+        device = self.scorer.device = self.device
+        pin = device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
+        batches = decoded_batches(self.dataset(), todo, self.workers, pin_memory=pin)
+        while True:
+            with self._stage("decode"):
+                decoded = next(batches, None)
+                if decoded is not None:
+                    decoded.to(device, non_blocking=pin)
+            if decoded is None:
+                return
+            yield decoded
+
     def process_batch(self, k: int) -> list[dict]:
-        """Explain and score one batch: its results lines (skips included); its maps are saved."""
-        batch = self.batches[k]
-        loaded, bad_images = self._load_images(batch)
-        lines = [s.as_line(k) for s in bad_images]
-        if not loaded:
-            return lines
-        masks = {}
-        for image_id, pil in loaded:
-            masks[image_id], bad = image_masks(self.data, image_id, pil.height, pil.width)
-            lines += [s.as_line(k) for s in bad]
-        if not self.config.skip_captions:
-            jobs = [(image_id, pil, None, "generated") for image_id, pil in loaded]
-            if self.config.references:
-                jobs += [(image_id, pil, self.data.captions[image_id][0], "reference")
-                         for image_id, pil in loaded if self.data.captions.get(image_id)]
-            # only words that can be scored are explained (fewer targets, a cheaper batched
-            # backward), and every method from this one call
-            function_words = self.config.function_words
-            methods = self.methods("captions")
-            results = self.captioner.explain_batch(
-                [j[1] for j in jobs], [j[2] for j in jobs], method=methods, layer=self.config.layer,
-                select=lambda words: [m.index for m in self.mapper.classify(words, function_words)],
-                max_targets_per_backward=self.config.max_targets_per_backward)
-            for (image_id, _, _, source), result in zip(jobs, results):
-                lines += self.scorer.caption(k, image_id, source, result, masks[image_id], methods)
-        for image_id, pil in loaded:
-            for question in self.questions.get(image_id, []):
-                lines += self._question_lines(k, image_id, pil, question)
-        self.thumbnails.save(self.out, k)
+        """Explain and score one batch, decoded here: its results lines (skips included); its maps
+        are saved."""
+        self.scorer.device = self.device
+        with self._stage("decode"):
+            decoded = self.dataset()[k].to(self.scorer.device)
+        lines = self._process(decoded)
+        with self._stage("write"):
+            self.thumbnails.save(self.out, k)
         return lines
 
-    def _question_lines(self, k: int, image_id: int, pil, question: dict) -> list[dict]:
-        object_ids = question.get("object_ids") or []
-        if not object_ids:
+    def _process(self, decoded: DecodedBatch) -> list[dict]:
+        """Generate, explain and score one decoded batch: its results lines (skips included)."""
+        k, loaded = decoded.index, decoded.images
+        lines = [s.as_line(k) for s in decoded.skipped]
+        if not loaded:
+            return lines
+        for image in loaded:
+            lines += [s.as_line(k) for s in image.bad]
+        parts: list[list[dict] | CaptionJob | AnswerJob] = []  # in line order; jobs scored together
+        if not self.config.skip_captions:
+            parts += self._caption_jobs(loaded)
+        for image in loaded:
+            for n, question in enumerate(self.questions.get(image.image_id, [])):
+                parts.append(self._question_job(k, image, n, question))
+        jobs = [part for part in parts if not isinstance(part, list)]
+        with self._stage("score"):
+            scored = iter(self.scorer.score_jobs(k, jobs))
+            for part in parts:
+                lines += part if isinstance(part, list) else next(scored)
+        return lines
+
+    def _caption_jobs(self, loaded: list[DecodedImage]) -> list[CaptionJob]:
+        captioner = self.captioner
+        with self._stage("generate"):
+            generated = captioner.generate_from_pixels(torch.cat([image.pixel_values for image in loaded]))
+        for image, caption in zip(loaded, generated):
+            if not caption.strip():
+                raise ValueError(f"the model generated an empty caption for image {image.image_id}")
+        jobs = [(image, caption, "generated") for image, caption in zip(loaded, generated)]
+        if self.config.references:
+            jobs += [(image, self.data.captions[image.image_id][0], "reference")
+                     for image in loaded if self.data.captions.get(image.image_id)]
+        # only words that can be scored are explained (fewer targets, a cheaper batched backward),
+        # and every method from this one call
+        function_words = self.config.function_words
+        methods = self.methods("captions")
+        with self._stage("explain"):
+            results = captioner.explain_pixels(
+                torch.cat([j[0].pixel_values for j in jobs]), [j[0].geometry for j in jobs], [j[1] for j in jobs],
+                method=methods, layer=self.config.layer,
+                select=lambda words: [m.index for m in self.mapper.classify(words, function_words)],
+                max_targets_per_backward=self.config.max_targets_per_backward)
+        return [CaptionJob(image.image_id, source, result, image.masks, methods)
+                for (image, _, source), result in zip(jobs, results)]
+
+    def _question_job(self, k: int, image: DecodedImage, n: int, question: dict) -> list[dict] | AnswerJob:
+        if not question.get("object_ids"):
             return []
-        mask = self.data.object_mask(object_ids, image_id, pil.height, pil.width)
-        if mask is None:
+        key = image.answer_keys.get(n)
+        if key is None:
             return [Skip("question", question.get("question_id"), "its objects have no usable mask").as_line(k)]
         methods = self.methods("vqa")
         try:  # every method from one forward and backward
-            result = self.vqa.explain(pil, question["question"], method=methods, layer=self.config.layer,
-                                      max_targets_per_backward=self.config.max_targets_per_backward)
+            with self._stage("explain"):
+                result = self.vqa.explain(image.image, question["question"], method=methods, layer=self.config.layer,
+                                          max_targets_per_backward=self.config.max_targets_per_backward)
         except ValueError as error:
             return [Skip("question", question.get("question_id"), str(error)).as_line(k)]
-        return self.scorer.answer(k, image_id, question, result, mask, methods)
+        return AnswerJob(image.image_id, question, result, image.masks, key, methods)
 
     def _perturbation_items(self, count: int) -> list[tuple[object, str]]:
         """The first ``count`` questions of the run's images (id order) with their images."""
