@@ -169,6 +169,14 @@ def gemma_tokenizer(special: list[str] = (), **named: str) -> PreTrainedTokenize
                                    extra_special_tokens=dict(named) if named else None)
 
 
+def words_only(model, tokenizer) -> None:
+    """Random weights generate bytes and special tokens; limit the tiny model's generation to tokens
+    that are letters (EOS included in the suppressed ones), so generated captions and answers have words."""
+    keep = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().isalpha()
+            and i not in tokenizer.all_special_ids and not tokenizer.convert_ids_to_tokens(i).startswith("<")]
+    model.generation_config.suppress_tokens = sorted(set(range(model.config.get_text_config().vocab_size)) - set(keep))
+
+
 def tiny_paligemma(image_size: int = 84, patch_size: int = 14, seed: int = 0):
     """A tiny PaliGemma: SigLIP vision tower (no head), Gemma decoder, the BPE tokenizer with Gemma's
     BOS, PaliGemmaProcessor (adds ``<image>``, places BOS and the prefix's "\\n") with a SigLIP
@@ -192,6 +200,7 @@ def tiny_paligemma(image_size: int = 84, patch_size: int = 14, seed: int = 0):
                              projection_dim=32, hidden_size=32)
     model = PaliGemmaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
     return model, processor
 
 
@@ -237,4 +246,5 @@ def tiny_gemma3(image_size: int = 112, patch_size: int = 14, tokens_per_image: i
     with torch.no_grad():  # transformers initializes the projection to zeros: no image would reach the text
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.3)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
     return model, processor
