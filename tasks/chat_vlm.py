@@ -375,9 +375,13 @@ class EncodedImageLM(nn.Module):
         # the question's per-token inputs are laid out again for the K rows of question + answer
         extra = self.sequence_inputs(ids, input_ids.shape[1]) if self.sequence_inputs is not None else {}
         encoded = self.encode({k: v for k, v in pixel_inputs.items() if k not in extra})
-        pooled = encoded.pooler_output  # one image, K rows: a (1, tokens, dim) tensor or a list per image
-        features = (pooled.expand(count, *pooled.shape[1:]) if isinstance(pooled, torch.Tensor)
-                    else [f for f in pooled for _ in range(count)])
+        pooled = encoded.pooler_output  # one image, K rows: a list per image, or a tensor of its tokens
+        if not isinstance(pooled, torch.Tensor):
+            features = [f for f in pooled for _ in range(count)]
+        elif pooled.dim() == 3:  # (1, tokens, dim)
+            features = pooled.expand(count, *pooled.shape[1:])
+        else:  # (tokens, dim), scattered in sequence order
+            features = pooled.repeat(count, *([1] * (pooled.dim() - 1)))
         return self.vlm(input_ids=ids, attention_mask=mask, **extra,
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 

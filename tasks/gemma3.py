@@ -55,7 +55,6 @@ class Gemma3Family(ChatVLM):
 
     def prompt_inputs(self, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
         inputs = super().prompt_inputs(text, image)
-        inputs.pop("num_crops", None)
         if inputs["pixel_values"].shape[0] != 1:
             raise ValueError("the processor made several crops of one image (pan-and-scan): turn it off")
         return inputs
