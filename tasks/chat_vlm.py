@@ -23,10 +23,18 @@ What a family file provides (``tasks/llava.py`` is the example), on a class it m
   of the layer explained by default;
 - optional: ``default_prompt`` (the captioning prompt), ``question_prompt`` (a format string with
   ``{question}``), ``vision_grid()`` (default: the vision config's image_size / patch_size),
-  ``image_outputs(pixel_inputs)`` (the image encoded once; default ``get_image_features``, whose
-  ``pooler_output`` holds one (tokens, dim) tensor per image), ``vision_tower`` (default: the base
-  model's ``vision_tower``), ``language_model`` (default: ``get_decoder()``), ``image_token_id``
-  (default: the config's).
+  ``image_token_grid()`` (the grid of the image tokens in the language model's sequence; default the
+  vision grid, smaller where the projector pools patches), ``image_outputs(pixel_inputs)`` (the image
+  encoded once; default ``get_image_features``, whose ``pooler_output`` holds one (tokens, dim)
+  tensor per image), ``vision_tower`` (default: the base model's ``vision_tower``),
+  ``language_model`` (default: ``get_decoder()``), ``image_token_id`` (default: the config's),
+  ``sequence_inputs(input_ids, reply_start)`` (per-token inputs the forward needs besides the ids
+  and the attention mask, e.g. ``token_type_ids`` that make a prefix or the image tokens attend
+  bidirectionally; passed in every forward and generation).
+
+A family without a chat template sets ``uses_chat_template = False`` and lays the text out itself:
+``prompt_text(text)`` (the processor's text for a user turn of ``text``) and ``reply_tokens(reply)``
+(the reply's ids and offsets as they follow the prompt).
 
 A family whose image-token count depends on the image size (Qwen2-VL, Idefics3 with splitting) also
 overrides ``prompt_ids``: the base lays out a captioning prompt once, with a probe image.
@@ -67,15 +75,18 @@ class ChatVLM(HFAdapter):
     graph of the language model. See the module docstring for what a family provides."""
 
     needs_processor = True  # the loader passes the family's processor (chat template, image tokens)
+    uses_chat_template = True  # False: the family overrides prompt_text and reply_tokens
     default_prompt = "Describe the image."
     question_prompt = "{question}"
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?",
                  processor: Any = None):
-        if processor is None or not callable(getattr(processor, "apply_chat_template", None)):
+        if processor is None or not callable(processor) or (
+                self.uses_chat_template and not callable(getattr(processor, "apply_chat_template", None))):
             raise ValueError(f"{type(model).__name__} needs its processor (processor=..., e.g. "
                              "AutoProcessor.from_pretrained(...)): it lays out the chat and the image tokens")
-        if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
+        if self.uses_chat_template and not (getattr(processor, "chat_template", None)
+                                            or getattr(tokenizer, "chat_template", None)):
             raise ValueError(f"the processor of {type(model).__name__} has no chat template")
         self.chat = processor
         self.prompt = self.default_prompt
@@ -102,6 +113,15 @@ class ChatVLM(HFAdapter):
 
     def vision_grid(self) -> tuple[int, int]:
         return vit_grid(self.vlm.config.vision_config)
+
+    def image_token_grid(self) -> tuple[int, int]:
+        """The grid of the image tokens in the language model's sequence (row-major)."""
+        return self.vision_grid()
+
+    def sequence_inputs(self, input_ids: torch.Tensor, reply_start: int) -> dict[str, torch.Tensor]:
+        """Per-token inputs besides the ids and the attention mask for a (B, L) sequence whose
+        reply (caption or answer) starts at ``reply_start`` (none by default)."""
+        return {}
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -156,7 +176,7 @@ class ChatVLM(HFAdapter):
     def image_positions(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, h*w) sequence positions of the image grid's tokens from a (B, L) image-token mask
         (the same count in every row; tokens before the grid, such as a kept CLS, are left out)."""
-        h, w = self.vision_grid()
+        h, w = self.image_token_grid()
         counts = rows.sum(dim=1)
         if counts.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) < h * w:
             raise ValueError(f"expected {h * w} image tokens in every row ({h}x{w} grid), found "
@@ -166,21 +186,27 @@ class ChatVLM(HFAdapter):
 
     def _tokens_to_grid(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
         """(..., B, N, C) tokens -> (..., B, C, h, w). N the language model's sequence length: the
-        hidden states at the image tokens; otherwise vision tokens, prefix tokens dropped."""
+        hidden states at the image tokens (on the image-token grid); otherwise vision tokens, prefix
+        tokens dropped, or the projector's image tokens."""
         h, w = self.vision_grid()
+        th, tw = self.image_token_grid()
         count = tensor.shape[lead]
         rows = self._image_rows
         if rows is not None and count == rows.shape[1] and tensor.shape[lead - 1] == rows.shape[0]:
+            h, w = th, tw
             positions = self.image_positions(rows).to(tensor.device)  # (B, h*w)
             index = positions.reshape(*([1] * (lead - 1)), *positions.shape, 1)
             picked = tensor.gather(lead, index.expand(*tensor.shape[:lead], h * w, tensor.shape[-1]))
         elif 0 <= count - h * w <= MAX_PREFIX_TOKENS:
             picked = tensor[..., count - h * w:, :]
+        elif count == th * tw:  # a projector that pools the patches (its output, one token per image token)
+            h, w = th, tw
+            picked = tensor
         else:
             length = "unknown" if rows is None else rows.shape[1]
             raise ValueError(f"a layer output of {count} tokens is neither the vision encoder's ({h}x{w} grid "
-                             f"after up to {MAX_PREFIX_TOKENS} prefix tokens) nor the language model's sequence "
-                             f"({length} tokens)")
+                             f"after up to {MAX_PREFIX_TOKENS} prefix tokens), the image tokens' ({th}x{tw}) nor "
+                             f"the language model's sequence ({length} tokens)")
         return picked.reshape(*picked.shape[:-2], h, w, picked.shape[-1]).movedim(-1, lead)
 
     def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
@@ -192,7 +218,7 @@ class ChatVLM(HFAdapter):
         if not torch.equal(positions, torch.arange(start, start + len(positions), device=positions.device)):
             raise ValueError("the image tokens are not contiguous in the sequence")
         layers = attention_modules(self.language_model, {"self_attn": "joint"})
-        return AttentionGraph(layers, self.vision_grid(), slice(start, start + len(positions)),
+        return AttentionGraph(layers, self.image_token_grid(), slice(start, start + len(positions)),
                               context=partial(eager_attention, self.vlm))
 
     # ------------------------------------------------------------------ the chat layout
@@ -221,7 +247,10 @@ class ChatVLM(HFAdapter):
         """The processor's tensors for the prompt (user turn ``text``) on ``image``: the pixels and
         the prompt's ids, its image token expanded to one per image feature."""
         prompt = self.prompt_text(text)
-        return dict(self.chat(images=image, text=prompt, return_tensors="pt", **self._special_tokens(prompt)))
+        inputs = dict(self.chat(images=image, text=prompt, return_tensors="pt", **self._special_tokens(prompt)))
+        inputs.pop("labels", None)  # a processor's training labels (PaliGemma-style), never an input here
+        ids = inputs["input_ids"]
+        return {**inputs, **self.sequence_inputs(ids, ids.shape[1])}
 
     def probe_image(self) -> Image.Image:
         return Image.new("RGB", (64, 48), (128, 128, 128))
@@ -292,8 +321,13 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         # the logit at position p - 1 predicts the token at p; the reply starts after the prompt
         positions = [[(len(prompt) + t - 1, reply[t]) for t in tokens] for tokens in token_lists]
         input_ids = torch.tensor([ids], device=self.device)
-        return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions,
-                             extra_inputs={self.mask_key: torch.ones_like(input_ids)}, text=caption)
+        extra = {self.mask_key: torch.ones_like(input_ids), **self.sequence_inputs(input_ids, len(prompt))}
+        return CaptionTokens(input_ids=input_ids, words=words, word_positions=positions, extra_inputs=extra,
+                             text=caption)
+
+    def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        """The pixels and every collated text input (the ids, the mask and the sequence inputs)."""
+        return {"pixel_values": pixel_values, **self.collate(tokens)}
 
     def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
                              max_words: int | None = None) -> list[str]:
@@ -305,7 +339,8 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
             out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
                                     attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                    num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
+                                    num_beams=beam_size, do_sample=False, use_cache=self.generation_cache,
+                                    **self.sequence_inputs(ids, ids.shape[1]))
         texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
         return [first_words(text.strip(), max_words) for text in texts]
 
@@ -314,7 +349,7 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         logits = logits_of(output)
         positions = self.image_positions(inputs["input_ids"] == self.image_token_id).to(logits.device)
         picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-        return picked, self.vision_grid()
+        return picked, self.image_token_grid()
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -322,23 +357,32 @@ class EncodedImageLM(nn.Module):
     """The chat VLM as the VQA engine's model: the image encoded once, its features put into K
     rows (the question turn, then candidate answer k) -> logits (K, L, V)."""
 
-    def __init__(self, vlm: nn.Module, encode: Any):
+    def __init__(self, vlm: nn.Module, encode: Any, sequence_inputs: Any = None):
         super().__init__()
         self.vlm = vlm
         self.encode = encode  # pixel inputs -> image outputs (``ChatVLM.image_outputs``)
+        self.sequence_inputs = sequence_inputs  # (ids, reply start) -> per-token inputs (``ChatVLM``)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor | None = None,
                 answer_mask: torch.Tensor | None = None, **pixel_inputs: torch.Tensor) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         count = 1 if answer_ids is None else answer_ids.shape[0]  # no answers: the question turn alone
-        encoded = self.encode(pixel_inputs)
-        features = [f for f in encoded.pooler_output for _ in range(count)]  # one image, K rows
         ids, mask = input_ids, attention_mask
         if answer_ids is not None:
             ids = torch.cat([input_ids.expand(count, -1), answer_ids], dim=1)
             mask = torch.cat([attention_mask.expand(count, -1), answer_mask], dim=1)
-        return self.vlm(input_ids=ids, attention_mask=mask,
+        # the question's per-token inputs are laid out again for the K rows of question + answer
+        extra = self.sequence_inputs(ids, input_ids.shape[1]) if self.sequence_inputs is not None else {}
+        encoded = self.encode({k: v for k, v in pixel_inputs.items() if k not in extra})
+        pooled = encoded.pooler_output  # one image, K rows: a list per image, or a tensor of its tokens
+        if not isinstance(pooled, torch.Tensor):
+            features = [f for f in pooled for _ in range(count)]
+        elif pooled.dim() == 3:  # (1, tokens, dim)
+            features = pooled.expand(count, *pooled.shape[1:])
+        else:  # (tokens, dim), scattered in sequence order
+            features = pooled.repeat(count, *([1] * (pooled.dim() - 1)))
+        return self.vlm(input_ids=ids, attention_mask=mask, **extra,
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 
 
@@ -392,7 +436,7 @@ class ChatVQA(ChatVLM, VQAModel):
         super().__init__(model, tokenizer, image_processor, name, processor)
 
     def engine_model(self, model: nn.Module) -> nn.Module:
-        return EncodedImageLM(model, self.image_outputs)
+        return EncodedImageLM(model, self.image_outputs, self.sequence_inputs)
 
     @property
     def vlm(self) -> nn.Module:

@@ -152,3 +152,99 @@ def tiny_llava(image_size: int = 56, patch_size: int = 14, vision_layers: int = 
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=LLAVA_TEMPLATE)
     return model, processor
+
+
+def gemma_tokenizer(special: list[str] = (), **named: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Gemma's special tokens (``<pad>``, ``<eos>``, ``<bos>``, which
+    it adds in front like Gemma's), ``special`` as added special tokens and ``named`` as named ones
+    (e.g. ``image_token="<image_soft_token>"``)."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", *special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((CORPUS + ["caption en", "answer en"]) * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   model_max_length=512, add_bos_token=True,
+                                   extra_special_tokens=dict(named) if named else None)
+
+
+def words_only(model, tokenizer) -> None:
+    """Random weights generate bytes and special tokens; limit the tiny model's generation to tokens
+    that are letters (EOS included in the suppressed ones), so generated captions and answers have words."""
+    keep = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().isalpha()
+            and i not in tokenizer.all_special_ids and not tokenizer.convert_ids_to_tokens(i).startswith("<")]
+    model.generation_config.suppress_tokens = sorted(set(range(model.config.get_text_config().vocab_size)) - set(keep))
+
+
+def tiny_paligemma(image_size: int = 84, patch_size: int = 14, seed: int = 0):
+    """A tiny PaliGemma: SigLIP vision tower (no head), Gemma decoder, the BPE tokenizer with Gemma's
+    BOS, PaliGemmaProcessor (adds ``<image>``, places BOS and the prefix's "\\n") with a SigLIP
+    image processor (square resize, aspect ratio not kept). Returns (model, processor)."""
+    import torch
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer()
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size, vision_use_head=False)
+    text = GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                             projection_dim=32, hidden_size=32)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
+    return model, processor
+
+
+# Gemma 3's chat template (its layout; the system-prompt and alternation checks left out)
+GEMMA3_TEMPLATE = ("{{ bos_token }}{%- for message in messages -%}"
+                   "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+                   "{{ '<start_of_turn>' + role + '\n' }}"
+                   "{%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}"
+                   "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+                   "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+                   "{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+                   "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+
+def tiny_gemma3(image_size: int = 112, patch_size: int = 14, tokens_per_image: int = 16, seed: int = 0):
+    """A tiny Gemma 3: SigLIP vision tower (8x8 patches at 112 px), the projector's average pooling
+    to ``tokens_per_image`` soft tokens (4x4: kernel 2), a Gemma 3 decoder with a sliding and a full
+    attention layer, the BPE tokenizer with Gemma 3's turn and image tokens and its chat template,
+    Gemma3Processor with Gemma3ImageProcessor (square resize, pan-and-scan off). Returns (model, processor)."""
+    import torch
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer(["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                                 "<image_soft_token>"], boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                                image_token="<image_soft_token>")
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    image_processor = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
+                                image_seq_length=tokens_per_image)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size, vision_use_head=False)
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                            sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens_per_image,
+                          image_token_index=tokenizer.image_token_id, boi_token_index=tokenizer.boi_token_id,
+                          eoi_token_index=tokenizer.eoi_token_id)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initializes the projection to zeros: no image would reach the text
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.3)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
+    return model, processor

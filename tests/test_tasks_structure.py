@@ -125,7 +125,7 @@ def _families() -> set[str]:
 
 def test_shared_modules_name_no_family():
     families = _families()
-    assert {"default", "blip", "git", "vit_gpt2", "vilt", "llava"} <= families
+    assert {"default", "blip", "git", "vit_gpt2", "vilt", "llava", "paligemma", "gemma3"} <= families
     for shared in SHARED:
         name = f"mmgradcam.tasks.{shared}"
         assert not {m.rpartition(".")[2] for m in GRAPH[name]} & families, shared
@@ -149,7 +149,11 @@ def test_every_family_registered_itself():
                        ("vqa", "blip", "BlipForQuestionAnswering", "blip"),
                        ("vqa", "vilt", "ViltForQuestionAnswering", "vilt"),
                        ("captioning", "llava", "LlavaForConditionalGeneration", "llava"),
-                       ("vqa", "llava", "LlavaForConditionalGeneration", "llava")}
+                       ("vqa", "llava", "LlavaForConditionalGeneration", "llava"),
+                       ("captioning", "paligemma", "PaliGemmaForConditionalGeneration", "paligemma"),
+                       ("vqa", "paligemma", "PaliGemmaForConditionalGeneration", "paligemma"),
+                       ("captioning", "gemma3", "Gemma3ForConditionalGeneration", "gemma3"),
+                       ("vqa", "gemma3", "Gemma3ForConditionalGeneration", "gemma3")}
     assert [name for _, name, _ in common._LOADERS][-1] == "transformers"  # the catch-all comes last
     assert "default" in [name for _, name, _ in common._LOADERS]
 
