@@ -248,3 +248,53 @@ def tiny_gemma3(image_size: int = 112, patch_size: int = 14, tokens_per_image: i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     words_only(model, tokenizer)
     return model, processor
+
+
+def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, patch_size: int = 14,
+               query_tokens: int = 4, seed: int = 0):
+    """A tiny BLIP-2 (or InstructBLIP): BLIP vision encoder (CLS + patches), a 2-layer Q-Former with
+    ``query_tokens`` queries cross-attending every layer, an OPT or Llama decoder, the byte-level BPE
+    tokenizer with a BOS in front (like OPT's) and ``<image>``, the real Blip2Processor /
+    InstructBlipProcessor (WordPiece Q-Former tokenizer) with a BLIP image processor (square resize,
+    aspect ratio not kept). Returns (model, processor)."""
+    import torch
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                              LlamaConfig, OPTConfig)
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.image_token = "<image>"
+    tokenizer.model_max_length = 512
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   cross_attention_frequency=1, encoder_hidden_size=32, vocab_size=len(WORDPIECE),
+                   max_position_embeddings=64, pad_token_id=0)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=256)
+    if text == "opt":
+        lm = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32,
+                       **ids)
+    else:
+        lm = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, **ids)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if instruct:
+        config = InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=lm.to_dict(),
+                                    num_query_tokens=query_tokens, image_token_index=image_token)
+        model = InstructBlipForConditionalGeneration(config).eval()
+        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          qformer_tokenizer=wordpiece_tokenizer(bos=False), num_query_tokens=query_tokens)
+    else:
+        config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=lm.to_dict(),
+                             num_query_tokens=query_tokens, image_token_index=image_token)
+        model = Blip2ForConditionalGeneration(config).eval()
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=query_tokens)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
+    return model, processor
