@@ -55,7 +55,7 @@ class QueryImageLM(EncodedImageLM):
 
 
 class Blip2Family(ChatVLM):
-    family = "blip-2"
+    family = "blip2"
     layer_reason = LAYER_REASON
     uses_chat_template = False  # the processor puts the query tokens before the text
     default_prompt = ""  # BLIP-2 captions from the image alone

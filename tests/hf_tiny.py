@@ -266,10 +266,14 @@ def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, 
     tokenizer = bpe_tokenizer()
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.image_token = "<image>"
     tokenizer.model_max_length = 512
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    # the processor adds "<image>" to the tokenizer, as for the hub's checkpoints
+    if instruct:
+        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          qformer_tokenizer=wordpiece_tokenizer(bos=False), num_query_tokens=query_tokens)
+    else:
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=query_tokens)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=image_size, patch_size=patch_size)
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -288,13 +292,12 @@ def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, 
         config = InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=lm.to_dict(),
                                     num_query_tokens=query_tokens, image_token_index=image_token)
         model = InstructBlipForConditionalGeneration(config).eval()
-        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                          qformer_tokenizer=wordpiece_tokenizer(bos=False), num_query_tokens=query_tokens)
     else:
         config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=lm.to_dict(),
                              num_query_tokens=query_tokens, image_token_index=image_token)
         model = Blip2ForConditionalGeneration(config).eval()
-        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=query_tokens)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     words_only(model, tokenizer)
+    # BLIP-2's generate runs the language model's own generate, with the language model's generation config
+    model.language_model.generation_config.suppress_tokens = model.generation_config.suppress_tokens
     return model, processor

@@ -5,6 +5,10 @@ save_pretrained and loaded by path: the query-token layout (no chat template), w
 image size of a non-square image stretched back from the square input, Grad-CAM by brute force at
 the vision encoder's last block, batched equal to looped, layers without a grid refused, VQA with
 several answers."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +27,7 @@ IMAGE = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).ast
 SIZE, GRID, QUERIES = 42, (3, 3), 4  # 42 px / patch 14, CLS dropped; 4 query tokens in the LM sequence
 
 
-@pytest.fixture(scope="module", params=["blip-2", "instructblip"])
+@pytest.fixture(scope="module", params=["blip2", "instructblip"])
 def saved(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "tiny"
     instruct = request.param == "instructblip"
@@ -71,7 +75,7 @@ def test_loaded_by_path_with_the_preset_layer(saved, cap, answerer):
     assert cap.family == answerer.family == family
     assert cap.default_layer == answerer.default_layer == "vision_model.encoder.layers.1"
     assert "Q-Former" in cap.layer_reason and cap.vision_grid() == GRID
-    if family == "blip-2":
+    if family == "blip2":
         assert cap.prompt == "" and answerer.question_prompt == "Question: {question} Answer:"
     else:
         assert cap.prompt == "A short image description:" and answerer.question_prompt == "{question}"
@@ -149,7 +153,7 @@ def test_attention_methods_and_tam_refused_by_name(cap, method):
 
 @pytest.mark.parametrize("where", ["qformer", "language model"])
 def test_layers_without_a_grid_are_refused(cap, answerer, where):
-    opt = cap.family == "blip-2"  # the tiny BLIP-2 has an OPT decoder, the tiny InstructBLIP a Llama one
+    opt = cap.family == "blip2"  # the tiny BLIP-2 has an OPT decoder, the tiny InstructBLIP a Llama one
     layer = ("qformer.encoder.layer.0" if where == "qformer" else
              "language_model.model.decoder.layers.0" if opt else "language_model.model.layers.0")
     with pytest.raises(ValueError, match="no spatial layout"):
@@ -200,3 +204,18 @@ def test_vqa_top_answer_from_generation(answerer):
     answerer.vlm.language_model.generation_config.suppress_tokens = answerer.vlm.generation_config.suppress_tokens
     top = answerer.answer(IMAGE, QUESTION, top_k=3)
     assert 1 <= len(top) <= 3 and top == sorted(top, key=lambda a: -a[1])
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_caption_and_vqa(saved, tmp_path):
+    IMAGE.save(tmp_path / "img.png")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mmgradcam.cli", *args], cwd=tmp_path,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    result = run("caption", "img.png", "--model", str(saved[1]), "--prompt", "a photo of", "--caption", CAPTION,
+                 "--out", "out")
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "out" / "maps.npz")["maps"].shape == (7, 40, 60)
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert summary["prompt"] == "a photo of" and summary["caption"] == CAPTION
+    result = run("vqa", "img.png", QUESTION, "--model", str(saved[1]), "--answer", "red", "--out", "qa")
+    assert result.returncode == 0, result.stderr

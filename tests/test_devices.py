@@ -74,7 +74,7 @@ def _every_call(adapter, image, task):
 
 @pytest.mark.parametrize("family", ["default-captioner", "default-vqa", "blip", "git", "vit-gpt2", "vilt",
                                     "blip-vqa", "llava", "llava-vqa", "paligemma", "paligemma-vqa", "gemma3",
-                                    "gemma3-vqa"])
+                                    "gemma3-vqa", "blip2", "blip2-vqa", "instructblip", "instructblip-vqa"])
 def test_every_tensor_the_toolkit_creates_names_its_device(family, shapes_image, photo):
     if family.startswith("default"):
         task = "captioning" if family == "default-captioner" else "vqa"
@@ -82,6 +82,11 @@ def test_every_tensor_the_toolkit_creates_names_its_device(family, shapes_image,
     elif family.startswith(("llava", "paligemma", "gemma3")):  # a chat VLM: the model and its processor
         task = "vqa" if family.endswith("-vqa") else "captioning"
         model, processor = getattr(hf_tiny, f"tiny_{family.removesuffix('-vqa')}")()
+        adapter, image = (captioning if task == "captioning" else vqa).load(model, processor), photo
+    elif family.startswith(("blip2", "instructblip")):  # the model and its processor
+        task = "vqa" if family.endswith("-vqa") else "captioning"
+        model, processor = hf_tiny.tiny_blip2(instruct=family.startswith("instructblip"),
+                                              text="llama" if family.startswith("instructblip") else "opt")
         adapter, image = (captioning if task == "captioning" else vqa).load(model, processor), photo
     else:
         build = {"blip": hf_tiny.tiny_blip, "git": hf_tiny.tiny_git, "vit-gpt2": hf_tiny.tiny_vit_gpt2,
