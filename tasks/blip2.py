@@ -121,12 +121,25 @@ class Blip2Family(ChatVLM):
     def reply_separator(self) -> str:
         return " " if self.prompt.strip() else ""
 
+    def reply_context(self) -> str:
+        """The text the reply follows (captioning: the prompt)."""
+        return self.prompt
+
     def reply_tokens(self, reply: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
-        """The reply as it follows the prompt: after a space, unless the prompt is empty."""
-        lead = self.reply_separator()
-        encoded = self.tokenizer(lead + reply, return_offsets_mapping=True, add_special_tokens=False)
-        ids = list(encoded["input_ids"])
-        offsets = [(max(s - len(lead), 0), max(e - len(lead), 0)) for s, e in encoded["offset_mapping"]]
+        """The reply as the processor tokenizes it after the prompt (after a space, unless the prompt
+        is empty): the prompt and the reply tokenized together, the prompt's tokens dropped (a
+        SentencePiece tokenizer attaches the space to the reply's first piece)."""
+        context, lead = self.reply_context(), self.reply_separator()
+        start = len(context) + len(lead)
+        before = list(self.tokenizer(context)["input_ids"])
+        encoded = self.tokenizer(context + lead + reply, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+        if ids[:len(before)] == before:
+            first = len(before)
+        else:  # the reply's first token merged with the prompt's end: keep the tokens that end in the reply
+            first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(ids))
+        ids = ids[first:]
+        offsets = [(max(s - start, 0), max(e - start, 0)) for s, e in offsets[first:]]
         specials = set(self.tokenizer.all_special_ids)
         return ids, offsets, [i in specials for i in ids]
 
@@ -172,6 +185,9 @@ class Blip2VQABase:
 
     def reply_separator(self) -> str:
         return " "  # the answer follows the question prompt
+
+    def reply_context(self) -> str:
+        return "Answer:"  # a stand-in for the question prompt: the reply's tokens start after its space
 
 
 @register_adapter("captioning", model_type="blip-2", model_class="Blip2ForConditionalGeneration")

@@ -250,11 +250,23 @@ def tiny_gemma3(image_size: int = 112, patch_size: int = 14, tokens_per_image: i
     return model, processor
 
 
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer: BPE over "▁"-marked words (Metaspace, the space attached to the
+    next word, one in front of the text), ``<s>`` / ``</s>`` / ``<unk>``."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator((CORPUS + ["A short image description:"]) * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>", model_max_length=512)
+
+
 def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, patch_size: int = 14,
                query_tokens: int = 4, seed: int = 0):
     """A tiny BLIP-2 (or InstructBLIP): BLIP vision encoder (CLS + patches), a 2-layer Q-Former with
-    ``query_tokens`` queries cross-attending every layer, an OPT or Llama decoder, the byte-level BPE
-    tokenizer with a BOS in front (like OPT's) and ``<image>``, the real Blip2Processor /
+    ``query_tokens`` queries cross-attending every layer, an OPT decoder with the byte-level BPE tokenizer or a
+    Llama one with the SentencePiece-style tokenizer (a BOS in front, like OPT's and Llama's), the real Blip2Processor /
     InstructBlipProcessor (WordPiece Q-Former tokenizer) with a BLIP image processor (square resize,
     aspect ratio not kept). Returns (model, processor)."""
     import torch
@@ -263,9 +275,10 @@ def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, 
                               LlamaConfig, OPTConfig)
 
     torch.manual_seed(seed)
-    tokenizer = bpe_tokenizer()
+    tokenizer = bpe_tokenizer() if text == "opt" else sentencepiece_tokenizer()
+    bos = tokenizer.bos_token
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)])
     tokenizer.model_max_length = 512
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     # the processor adds "<image>" to the tokenizer, as for the hub's checkpoints

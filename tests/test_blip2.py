@@ -191,6 +191,23 @@ def test_vqa_answers_batched_and_scored_by_hand(answerer):
 
 
 def test_vqa_gradcam_by_brute_force(answerer):
+    """The vision layer runs once for the image: answer k's Grad-CAM is the gradient of its summed
+    token log-probs in a forward of the question and that answer alone."""
+    result = answerer.explain(IMAGE, QUESTION, answer=["red", "two circles"], method="gradcam")
+    prompt = answerer.question_prompt.format(question=QUESTION)
+    start = answerer.chat(images=IMAGE, text=prompt, return_tensors="pt")["input_ids"].shape[1]
+    for k, answer in enumerate(["red", "two circles"]):
+        full = _by_hand_inputs(answerer, prompt, answer)
+        output, activation = _forward_with_hook(answerer.vlm, answerer.default_layer, full)
+        ids = full["input_ids"][0]
+        logprobs = torch.log_softmax(output.logits[0].float(), -1)
+        score = sum(logprobs[p - 1, ids[p]] for p in range(start, len(ids)))
+        gradient, = torch.autograd.grad(score, activation)
+        cam = torch.relu(activation[0, 1:].detach() @ gradient[0, 1:].mean(dim=0)).reshape(GRID)
+        torch.testing.assert_close(result.layer_maps[k], cam, rtol=1e-4, atol=1e-6)
+
+
+def test_vqa_methods_batched_equal_looped(answerer):
     answers = ["red", "two circles"]
     together = answerer.explain(IMAGE, QUESTION, answer=answers, method="gradcam,layercam")
     for k, answer in enumerate(answers):
