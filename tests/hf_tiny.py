@@ -284,7 +284,8 @@ def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, 
     # the processor adds "<image>" to the tokenizer, as for the hub's checkpoints
     if instruct:
         processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                          qformer_tokenizer=wordpiece_tokenizer(bos=False), num_query_tokens=query_tokens)
+                                          qformer_tokenizer=wordpiece_tokenizer(bos=False),
+                                          num_query_tokens=query_tokens)
     else:
         processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=query_tokens)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
