@@ -36,16 +36,18 @@ def _zero_gradient_warning(layer_name: str) -> None:
 def forward_and_gradients(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
                           layers: Sequence[tuple[str, nn.Module]], *, output_index: OutputIndex = None,
                           batched: bool | str = "auto", eval_mode: bool = True, dtype: DtypeSpec = None,
-                          max_targets_per_backward: int | None = None,
+                          max_targets_per_backward: int | None = None, batch_size: Any = None,
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """One forward pass with ``layers`` captured; returns (activations, gradients (T, ...), scores (T, B)).
-    ``dtype`` ("bfloat16", "float16"): the forward runs under autocast in that precision."""
+    ``dtype`` ("bfloat16", "float16"): the forward runs under autocast in that precision.
+    ``batch_size``: ``(activation) -> B`` for a layer output whose first dimension is not the batch."""
     with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad(), \
             ActivationCapture(layers, output_index) as capture:
         with autocast(module_device(model), resolve_dtype(dtype)):
             output = call_model(model, inputs)
         activations = [capture.activation(name) for name, _ in layers]
-        scores = target_scores(targets, output, int(activations[0].shape[0]))
+        batch = int(activations[0].shape[0] if batch_size is None else batch_size(activations[0]))
+        scores = target_scores(targets, output, batch)
         gradients = target_gradients(scores, activations, batched, max_targets_per_backward)
     return [a.detach() for a in activations], [g.detach() for g in gradients], scores.detach()
 
@@ -132,7 +134,7 @@ def explain(model: nn.Module, inputs: Inputs, targets: Sequence[Target],
 
     activations, gradients, scores = forward_and_gradients(
         model, inputs, targets, layers, output_index=output_index, batched=batched, eval_mode=eval_mode, dtype=dtype,
-        max_targets_per_backward=max_targets_per_backward,
+        max_targets_per_backward=max_targets_per_backward, batch_size=getattr(base_layout, "batch_size", None),
     )
     # each pixel-space method's pass over the input, once for all layers
     passes = {m.name: m.input_pass(model, inputs, targets, image_key=image_key, batched=batched, eval_mode=eval_mode,

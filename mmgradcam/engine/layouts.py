@@ -92,9 +92,14 @@ class Layout:
 @dataclass(frozen=True)
 class FunctionLayout:
     """A layout given as a function ``(tensor, lead) -> (..., C, h, w)``, for token orders the
-    built-in layouts cannot express (ViLT's image tokens after the text, placed by patch index)."""
+    built-in layouts cannot express (ViLT's image tokens after the text, placed by patch index).
+
+    ``batch_size``: optional ``(activation) -> number of samples``, for a layer output whose first
+    dimension is not the batch (the tokens of several images packed into one sequence, as in
+    Qwen2-VL's vision tower); None: the first dimension."""
 
     function: object
+    batch_size: object = None
 
     def resolve(self, activation: torch.Tensor) -> "FunctionLayout":
         return self
