@@ -139,11 +139,14 @@ class HFAdapter(Adapter):
     # generate() reuses past keys/values (a checkpoint's config may say use_cache=false, e.g. after
     # training with gradient checkpointing); a family whose decoder cannot cache sets this False
     generation_cache = True
+    # measures the image processor's geometry; a family whose processor does not return the image
+    # as (3, h, w) pixels (Qwen2-VL's flattened patches) gives its own subclass
+    geometry_class = ProcessorGeometry
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?"):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.processor = ProcessorGeometry(image_processor)
+        self.processor = self.geometry_class(image_processor)
         self.name = name
 
     @property
