@@ -315,3 +315,60 @@ def tiny_blip2(instruct: bool = False, text: str = "opt", image_size: int = 42, 
     # BLIP-2's generate runs the language model's own generate, with the language model's generation config
     model.language_model.generation_config.suppress_tokens = model.generation_config.suppress_tokens
     return model, processor
+
+
+# Qwen2-VL's / Qwen2.5-VL's chat template (the default system turn, the image as
+# <|vision_start|><|image_pad|><|vision_end|>, ChatML turns), without its video and vision-id parts
+QWEN_TEMPLATE = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                 "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+                 "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+                 "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+                 "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+                 "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen2_vl(version: str = "2", window_size: int = 56, seed: int = 0):
+    """A tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): a 2-block vision tower (patch 14,
+    2x2 merger; 2.5: window attention in block 0 with windows of ``window_size`` px, full attention
+    in block 1), a 2-layer Qwen2 decoder with M-RoPE, the byte-level BPE tokenizer with Qwen's special
+    tokens and chat template, and the family's processor with Qwen2VLImageProcessor (smart_resize
+    between 56x56 and 112x112 pixels, so images stay tiny). Returns (model, processor)."""
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    tokenizer.bos_token = None  # Qwen's tokenizer has no BOS
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = QWEN_TEMPLATE
+    tokenizer.model_max_length = 1024
+    ids = tokenizer.convert_tokens_to_ids
+    # head_dim 8: M-RoPE splits its 4 frequencies into temporal, height and width sections
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, bos_token_id=None,
+                eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision.update(embed_dim=32)
+        prefix = "Qwen2VL"
+    elif version == "2.5":
+        vision.update(intermediate_size=64, out_hidden_size=32, window_size=window_size, fullatt_block_indexes=[1])
+        prefix = "Qwen2_5_VL"
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = getattr(transformers, f"{prefix}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_TEMPLATE)
+    return model, processor

@@ -1,0 +1,426 @@
+"""Qwen2-VL and Qwen2.5-VL (transformers): Qwen2VLForConditionalGeneration and
+Qwen2_5_VLForConditionalGeneration, captioning and generative VQA.
+
+Preset layer: the vision tower's last block, on the patch grid. The patch merger reads exactly its
+tokens (each 2x2 block of 14 px patches becomes one language-model token), and the grid is the
+finest the model has: one cell per 14 px patch, against 28 px for the image tokens in the language
+model's sequence (any layer can be named, those included).
+
+Geometry. The processor's ``smart_resize`` scales the whole image (no crop: every pixel is seen) to
+sides that are multiples of 28 (patch 14 x merge 2) within its min/max pixels, then flattens it
+into patches: ``pixel_values`` (patches, C * T * 14 * 14) and ``image_grid_thw`` (t, h, w) per image,
+each 2x2 merge block's four patches consecutive. The resize is measured (``PatchGeometry``: the
+patches put back into an image) and inverted. The vision tower runs the patches of all images as one
+packed sequence with no batch dimension; Qwen2.5-VL's blocks run the merge blocks in
+attention-window order (``window_index``), which the tower undoes only after the merger. A vision
+layer's tokens are put back in raster order: on the patch grid h x w, or on the merged grid
+(h/2) x (w/2) for a merged tensor such as the merger's output; the language model's image tokens
+are in raster order on the merged grid already (the merger's reverse index).
+
+The number of image tokens depends on the image: the prompt is laid out per image grid, and
+images of different grids in one ``explain_batch`` / ``score_batch`` / ``generate_batch`` call run as
+one forward per grid (images of the same grid share one). Guided Grad-CAM is refused: its pixel
+gradients would be taken on the flattened patches, not on a (B, C, H, W) image.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from mmgradcam.engine import preserved_state, resolve_layer
+from mmgradcam.engine.explanation import Explanation
+from mmgradcam.engine.layouts import FunctionLayout
+from mmgradcam.engine.registry import is_pixel_method
+
+from .captioning import CaptionTokens
+from .chat_vlm import ChatCaptioner, ChatVLM, ChatVQA, EncodedImageLM
+from .common import register_adapter
+from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
+from .hf import ProcessorGeometry, first_words, last_block_name
+
+LAYER_REASON = ("the vision tower's last block: the patch merger reads its patch tokens (2x2 patches -> one "
+                "language-model token); its patch grid (one cell per 14 px) is the finest the model has")
+Grid = tuple[int, int, int]  # (t, h, w) patches of one image, as in image_grid_thw
+
+
+def unpatchify(pixel_values: torch.Tensor, grid: Sequence[int], patch: int, merge: int,
+               temporal: int) -> torch.Tensor:
+    """One image's flattened patches (t*h*w, C*T*P*P), each merge block's patches consecutive
+    (the Qwen2-VL processor's order), back into its first frame (C, h*P, w*P)."""
+    t, h, w = (int(v) for v in grid)
+    channels = pixel_values.shape[-1] // (temporal * patch * patch)
+    blocks = pixel_values.reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)
+    first = blocks[0, :, :, :, :, :, 0]  # (h/m, w/m, m, m, C, P, P)
+    return first.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
+
+
+class PatchGeometry(ProcessorGeometry):
+    """The processor's resize measured with coordinate ramps, read from its flattened patches put
+    back into an image."""
+
+    def geometry(self, size: tuple[int, int]) -> AxisAligned:
+        if size not in self._cache:
+            processor = self.image_processor
+
+            def process(array: np.ndarray) -> torch.Tensor:
+                out = processor(images=array, do_rescale=False, do_normalize=False, return_tensors="pt")
+                return unpatchify(out["pixel_values"], out["image_grid_thw"][0], processor.patch_size,
+                                  processor.merge_size, processor.temporal_patch_size).float()
+
+            self._cache[size] = probe_geometry(process, size)
+        return self._cache[size]
+
+
+@dataclass
+class GridTokens(CaptionTokens):
+    """A caption laid out after the prompt of an image with ``image_grid`` (t, h, w) patches."""
+
+    image_grid: Grid = (1, 0, 0)
+
+
+class QwenVLFamily(ChatVLM):
+    """What Qwen2-VL's and Qwen2.5-VL's captioner and answerer share: the patch geometry, the prompt
+    laid out per image grid, the vision tower's packed tokens put back in raster order, M-RoPE's
+    inputs (``image_grid_thw``, ``mm_token_type_ids``)."""
+
+    layer_reason = LAYER_REASON
+    default_prompt = "Describe this image."  # the model card's example
+    question_prompt = "{question}\nAnswer the question using a single word or phrase."
+    geometry_class = PatchGeometry
+    window_attention = False  # Qwen2.5-VL: the vision blocks run the merge blocks in window order
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?",
+                 processor: Any = None):
+        # the image(s) being laid out or explained: their grid, how many the vision tower packs,
+        # whether the explained layer sees them in window order
+        self._grid: Grid | None = None
+        self._images = 0
+        self._windowed = False
+        super().__init__(model, tokenizer, image_processor, name, processor)
+        self._layout_options = {"layout": FunctionLayout(self._tokens_to_grid, batch_size=self._samples)}
+        self.layer_options = dict(self._layout_options)
+
+    # ------------------------------------------------------------------ the model
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.vlm.base_model.visual
+
+    @property
+    def merge(self) -> int:
+        return int(self.vlm.config.vision_config.spatial_merge_size)
+
+    @property
+    def patch(self) -> int:
+        return int(self.vlm.config.vision_config.patch_size)
+
+    def preset_layer(self) -> str:
+        return last_block_name(self.vlm, self.vision_tower)
+
+    def image_outputs(self, pixel_inputs: Mapping[str, torch.Tensor]) -> Any:
+        return self.vlm.get_image_features(pixel_values=pixel_inputs["pixel_values"],
+                                           image_grid_thw=pixel_inputs["image_grid_thw"], return_dict=True)
+
+    def _install_output_hooks(self) -> None:
+        pixels, _ = self.preprocess(self.probe_image())  # the vision tower needs the image's grid
+        with torch.no_grad(), self.forward_context():
+            self.image_outputs(self.to_device(pixels))
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """The base's context, and the model's M-RoPE offsets (``rope_deltas``, which every forward
+        and generate overwrites) put back after."""
+        holder = self.vlm.base_model
+        before = getattr(holder, "rope_deltas", None)
+        try:
+            with super().forward_context():
+                yield
+        finally:
+            if hasattr(holder, "rope_deltas"):
+                holder.rope_deltas = before
+
+    def method_choice(self, method: Any) -> list[str]:
+        names = super().method_choice(method)
+        pixel = [n for n in names if is_pixel_method(n)]
+        if pixel:
+            raise ValueError(f"{pixel[0]} needs the image input as (B, C, H, W) pixels; {type(self.vlm).__name__} "
+                             "reads flattened patches (pixel_values (patches, C*T*P*P)): use a CAM or attention method")
+        return names
+
+    # ------------------------------------------------------------------ the images of a call
+    def image_grid(self, image: Image.Image) -> Grid:
+        """(t, h, w) patches the processor makes of ``image`` (from its measured resize)."""
+        height, width = self.processor.geometry((image.height, image.width)).input_size
+        return 1, height // self.patch, width // self.patch
+
+    def by_grid(self, images: Sequence[Image.Image]) -> dict[Grid, list[int]]:
+        """The indices of ``images`` grouped by patch grid (in order): one forward per group."""
+        groups: dict[Grid, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.image_grid(image), []).append(i)
+        return groups
+
+    @contextlib.contextmanager
+    def images_of(self, grid_thw: torch.Tensor | Grid, layer: nn.Module | str | None = None) -> Iterator[None]:
+        """For the duration: the images of one forward (``image_grid_thw`` (n, 3), or one image's
+        grid), all of one grid; the layout of ``layer`` (None: the preset) and the size of the
+        resized image the maps are upsampled to. Restored after, also on errors."""
+        rows = [tuple(grid_thw)] if isinstance(grid_thw, tuple) else grid_thw.tolist()
+        grids = {tuple(int(v) for v in row) for row in rows}
+        if len(grids) != 1:
+            raise ValueError(f"one forward explains images of one patch grid, got {sorted(grids)}")
+        grid = grids.pop()
+        saved = self._grid, self._images, self._windowed, self.layer_options
+        self._grid, self._images = grid, len(rows)
+        self._windowed = self.window_attention and not self._before_windows(layer)
+        self.layer_options = {**self._layout_options, "input_size": (grid[1] * self.patch, grid[2] * self.patch)}
+        try:
+            yield
+        finally:
+            self._grid, self._images, self._windowed, self.layer_options = saved
+
+    def _current_grid(self) -> Grid:
+        if self._grid is None:
+            raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image: lay out and explain "
+                             "captions through explain / explain_batch / prepare (they know the image)")
+        return self._grid
+
+    def _before_windows(self, layer: nn.Module | str | None) -> bool:
+        """True for the patch embedding (and its parts): its tokens are not yet in window order."""
+        spec = self.default_layer if layer is None else layer
+        module = spec if isinstance(spec, nn.Module) else resolve_layer(self.vlm, spec)[1]
+        embedding = self.vision_tower.get_input_embeddings()
+        return any(module is m for m in embedding.modules())
+
+    # ------------------------------------------------------------------ the grid of a layer
+    def vision_grid(self) -> tuple[int, int]:
+        """The merged grid: the image tokens of the language model's sequence."""
+        _, h, w = self._current_grid()
+        return h // self.merge, w // self.merge
+
+    def _samples(self, activation: torch.Tensor) -> int:
+        """The images in a layer output: a vision layer's (tokens, C) packs them all."""
+        return self._images if activation.dim() == 2 else int(activation.shape[0])
+
+    def window_index(self, grid: Grid) -> torch.Tensor:
+        """(merge blocks,): the raster merge block at each position of the window order, from the
+        function the vision tower's own module uses."""
+        tower = self.vision_tower
+        grid_thw = torch.tensor([grid], dtype=torch.long, device=self.device)
+        if callable(getattr(tower, "get_window_index", None)):  # transformers 4.x
+            return tower.get_window_index(grid_thw)[0].to(self.device)
+        find = getattr(inspect.getmodule(type(tower)), "get_vision_window_index", None)
+        if find is None:
+            raise RuntimeError(f"cannot find the window order of {type(tower).__name__} (get_vision_window_index)")
+        config = self.vlm.config.vision_config
+        return find(grid_thw, spatial_merge_size=self.merge, window_size=config.window_size,
+                    patch_size=self.patch)[0].to(self.device)
+
+    def raster_order(self, merged: bool) -> torch.Tensor:
+        """(cells,): the position in the vision tower's sequence of each raster cell of one image,
+        on the patch grid or (``merged``) on the merged grid."""
+        _, h, w = self._current_grid()
+        m, device = self.merge, self.device
+        blocks_w = w // m
+        blocks = (h // m) * blocks_w
+        # where each raster merge block sits: in order, or (Qwen2.5-VL's blocks) in window order
+        slot = torch.argsort(self.window_index(self._grid)) if self._windowed else torch.arange(blocks, device=device)
+        if merged:
+            return slot
+        rows, cols = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None, :]
+        block = (rows // m) * blocks_w + cols // m
+        within = (rows % m) * m + cols % m  # the four patches of a block are consecutive, row by row
+        return (slot[block] * m * m + within).flatten()
+
+    def _tokens_to_grid(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
+        """A vision layer's packed (..., images * tokens, C) -> (..., images, C, h, w) in raster
+        order; a language-model layer as the base does (its image tokens, merged grid)."""
+        if tensor.dim() != lead + 1:
+            return super()._tokens_to_grid(tensor, lead)
+        _, h, w = self._current_grid()
+        per_image, rest = divmod(tensor.shape[lead - 1], max(self._images, 1))
+        if rest == 0 and per_image == h * w:
+            grid, merged = (h, w), False
+        elif rest == 0 and per_image * self.merge ** 2 == h * w:
+            grid, merged = self.vision_grid(), True
+        else:
+            raise ValueError(f"a vision layer output of {tensor.shape[lead - 1]} tokens does not hold {self._images} "
+                             f"image(s) of {h}x{w} patches (or {h * w // self.merge ** 2} merged tokens)")
+        packed = tensor.reshape(*tensor.shape[:lead - 1], self._images, per_image, tensor.shape[-1])
+        picked = packed.index_select(lead, self.raster_order(merged).to(tensor.device))
+        return picked.reshape(*picked.shape[:-2], *grid, picked.shape[-1]).movedim(-1, lead)
+
+    # ------------------------------------------------------------------ the prompt
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's ids with the image tokens expanded for the current image grid (laid out
+        by the processor once per prompt and grid, with an image of the resized size)."""
+        grid = self._current_grid()
+        key = (text, grid)
+        if key not in self._prompt_cache:
+            size = (grid[2] * self.patch, grid[1] * self.patch)  # (width, height): resized already
+            probe = Image.new("RGB", size, (128, 128, 128))
+            self._prompt_cache[key] = self.prompt_inputs(text, probe)["input_ids"][0].tolist()
+        return self._prompt_cache[key]
+
+
+# ----------------------------------------------------------------------------- captioning
+class QwenCaptioner(QwenVLFamily, ChatCaptioner):
+    """Captioning as the assistant's reply; one forward per image grid."""
+
+    def tokenize(self, caption: str) -> GridTokens:
+        tokens = super().tokenize(caption)
+        # M-RoPE places the image tokens on the grid: the model finds them through mm_token_type_ids
+        tokens.extra_inputs["mm_token_type_ids"] = (tokens.input_ids == self.image_token_id).long()
+        return GridTokens(**{f.name: getattr(tokens, f.name) for f in fields(CaptionTokens)},
+                          image_grid=self._current_grid())
+
+    def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
+        grids = [getattr(t, "image_grid", None) for t in tokens]
+        if any(g is None for g in grids):
+            raise ValueError("captions laid out without their image's grid: tokenize them through explain, "
+                             "explain_batch or prepare")
+        patches = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape[0] != patches:
+            raise ValueError(f"{pixel_values.shape[0]} patches given for images of {patches} patches ({grids})")
+        grid_thw = torch.tensor(grids, dtype=torch.long, device=self.device)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw, **self.collate(tokens)}
+
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        pil = load_image(image)
+        with self.images_of(self.image_grid(pil)):
+            return super().prepare(pil, text)
+
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
+                         **kwargs: Any) -> Any:
+        with self.images_of(inputs["image_grid_thw"]):
+            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
+
+    def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
+                      **options: Any) -> list[Any]:
+        """``Captioner.explain_batch`` with one forward (and one batched backward) per image grid."""
+        pils = [load_image(image, what=f"images[{i}]") for i, image in enumerate(images)]
+        captions = list(captions) if captions is not None else [None] * len(pils)
+        if len(captions) != len(pils):
+            raise ValueError(f"{len(captions)} captions given for {len(pils)} images")
+        for i, caption in enumerate(captions):
+            if caption is not None and not isinstance(caption, str):
+                raise TypeError(f"captions[{i}] must be a str or None, got {type(caption).__name__}")
+        results: list[Any] = [None] * len(pils)
+        for grid, index in self.by_grid(pils).items():
+            with self.images_of(grid):
+                found = super().explain_batch([pils[i] for i in index], [captions[i] for i in index], **options)
+            for i, result in zip(index, found):
+                results[i] = result
+        return results
+
+    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
+        pils = [load_image(image) for image in images]
+        scores: list[list[float]] = [[] for _ in pils]
+        for grid, index in self.by_grid(pils).items():
+            with self.images_of(grid):
+                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
+            for i, score in zip(index, found):
+                scores[i] = score
+        return scores
+
+    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
+                        geometries: Sequence[Any], **options: Any) -> list[Any]:
+        with self.images_of(model_inputs["image_grid_thw"], options.get("layer")):
+            return super()._explain_tokens(model_inputs, tokens, geometries, **options)
+
+    def _readout_explanations(self, *args: Any, **kwargs: Any) -> dict[str, Explanation]:
+        """TAM's maps, upsampled to the resized image (the pixel input holds patches, not an image)."""
+        found = super()._readout_explanations(*args, **kwargs)
+        return {name: replace(exp, input_size=self.layer_options["input_size"]) for name, exp in found.items()}
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
+        pils = [load_image(image) for image in images]
+        captions = [""] * len(pils)
+        for grid, index in self.by_grid(pils).items():
+            with self.images_of(grid):
+                prompt = self.prompt_ids(self.prompt)
+            pixels = torch.cat([self.preprocess(pils[i])[0]["pixel_values"] for i in index])
+            ids = torch.tensor([prompt] * len(index), device=self.device)
+            with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
+                out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
+                                        image_grid_thw=torch.tensor([grid] * len(index), device=self.device),
+                                        mm_token_type_ids=(ids == self.image_token_id).long(),
+                                        attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                        num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
+            texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
+            for i, text in zip(index, texts):
+                captions[i] = first_words(text.strip(), max_words)
+        return captions
+
+
+# ----------------------------------------------------------------------------- VQA
+class QwenEncodedImageLM(EncodedImageLM):
+    """``EncodedImageLM`` with M-RoPE's inputs: the image's grid and the image tokens' type ids,
+    repeated for the K answer rows (the answers' tokens are text)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor | None = None,
+                answer_mask: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, **pixel_inputs: torch.Tensor) -> torch.Tensor:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        count = 1 if answer_ids is None else answer_ids.shape[0]
+        encoded = self.encode({**pixel_inputs, "image_grid_thw": image_grid_thw})
+        features = [f for f in encoded.pooler_output for _ in range(count)]  # one image, K rows
+        ids, mask, types = input_ids, attention_mask, mm_token_type_ids
+        if answer_ids is not None:
+            ids = torch.cat([input_ids.expand(count, -1), answer_ids], dim=1)
+            mask = torch.cat([attention_mask.expand(count, -1), answer_mask], dim=1)
+            types = torch.cat([mm_token_type_ids.expand(count, -1), torch.zeros_like(answer_ids)], dim=1)
+        return self.vlm(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                        image_grid_thw=image_grid_thw.repeat(count, 1),
+                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
+
+
+class QwenVQA(QwenVLFamily, ChatVQA):
+    """Generative VQA: K answers as K rows over one encoded image."""
+
+    def engine_model(self, model: nn.Module) -> nn.Module:
+        return QwenEncodedImageLM(model, self.image_outputs)
+
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
+                         **kwargs: Any) -> Any:
+        with self.images_of(inputs["image_grid_thw"]):
+            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
+
+    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
+                   names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
+        with self.images_of(inputs["image_grid_thw"], layer):
+            return super().run_engine(inputs, targets, layer, names, attention, **options)
+
+
+# ----------------------------------------------------------------------------- registration
+@register_adapter("captioning", model_type="qwen2_vl", model_class="Qwen2VLForConditionalGeneration")
+class Qwen2VLCaptioner(QwenCaptioner):
+    family = "qwen2-vl"
+
+
+@register_adapter("vqa", model_type="qwen2_vl", model_class="Qwen2VLForConditionalGeneration")
+class Qwen2VLVQA(QwenVQA):
+    family = "qwen2-vl"
+
+
+@register_adapter("captioning", model_type="qwen2_5_vl", model_class="Qwen2_5_VLForConditionalGeneration")
+class Qwen2_5_VLCaptioner(QwenCaptioner):
+    family = "qwen2.5-vl"
+    window_attention = True
+
+
+@register_adapter("vqa", model_type="qwen2_5_vl", model_class="Qwen2_5_VLForConditionalGeneration")
+class Qwen2_5_VLVQA(QwenVQA):
+    family = "qwen2.5-vl"
+    window_attention = True
