@@ -74,7 +74,8 @@ def _every_call(adapter, image, task):
 
 @pytest.mark.parametrize("family", ["default-captioner", "default-vqa", "blip", "git", "vit-gpt2", "vilt",
                                     "blip-vqa", "llava", "llava-vqa", "paligemma", "paligemma-vqa", "gemma3",
-                                    "gemma3-vqa", "blip2", "blip2-vqa", "instructblip", "instructblip-vqa"])
+                                    "gemma3-vqa", "blip2", "blip2-vqa", "instructblip", "instructblip-vqa",
+                                    "qwen2-vl", "qwen2-vl-vqa", "qwen2.5-vl", "qwen2.5-vl-vqa"])
 def test_every_tensor_the_toolkit_creates_names_its_device(family, shapes_image, photo):
     if family.startswith("default"):
         task = "captioning" if family == "default-captioner" else "vqa"
@@ -87,6 +88,10 @@ def test_every_tensor_the_toolkit_creates_names_its_device(family, shapes_image,
         task = "vqa" if family.endswith("-vqa") else "captioning"
         model, processor = hf_tiny.tiny_blip2(instruct=family.startswith("instructblip"),
                                               text="llama" if family.startswith("instructblip") else "opt")
+        adapter, image = (captioning if task == "captioning" else vqa).load(model, processor), photo
+    elif family.startswith("qwen"):  # Qwen2-VL / Qwen2.5-VL: the model and its processor
+        task = "vqa" if family.endswith("-vqa") else "captioning"
+        model, processor = hf_tiny.tiny_qwen2_vl("2.5" if family.startswith("qwen2.5") else "2")
         adapter, image = (captioning if task == "captioning" else vqa).load(model, processor), photo
     else:
         build = {"blip": hf_tiny.tiny_blip, "git": hf_tiny.tiny_git, "vit-gpt2": hf_tiny.tiny_vit_gpt2,
