@@ -280,10 +280,12 @@ class Captioner(Adapter):
         """Captions for several images (at most ``max_words`` words each when given)."""
         raise NotImplementedError
 
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
-                             max_words: int | None = None) -> list[str]:
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
         """``generate_batch`` on pixels already made by ``preprocess`` (concatenated, (B, ...)):
-        an evaluation decodes and preprocesses images ahead of the model, in worker processes."""
+        an evaluation decodes and preprocesses images ahead of the model, in worker processes.
+        ``geometries``: each image's geometry from ``preprocess``, for a family whose pixels do not
+        say where one image ends (Qwen2-VL packs all images' patches into one sequence)."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate from preprocessed pixels")
 
     def collate(self, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:

@@ -329,8 +329,8 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         """The pixels and every collated text input (the ids, the mask and the sequence inputs)."""
         return {"pixel_values": pixel_values, **self.collate(tokens)}
 
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
-                             max_words: int | None = None) -> list[str]:
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
         """The replies to the prompt for images already preprocessed (``generate_batch`` and the
         eval pipeline's decoded batches)."""
         pixels = pixel_values

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -400,8 +401,8 @@ class DefaultCaptioner(DefaultFamily, Captioner):
         pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
         return self.generate_from_pixels(pixels, beam_size, max_words)
 
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
-                             max_words: int | None = None) -> list[str]:
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
         pixel_values = self.to_device(pixel_values)
         with torch.no_grad(), self.forward_context():
             if beam_size > 1:

@@ -242,8 +242,8 @@ class HFCaptioner(HFAdapter, Captioner):
         pixels = torch.cat([self.preprocess(image)[0]["pixel_values"] for image in images])
         return self.generate_from_pixels(pixels, beam_size, max_words)
 
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1,
-                             max_words: int | None = None) -> list[str]:
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
         ids = self.generate_ids(pixel_values, beam_size)
         # the decoder counts tokens, not words: cut the decoded text after max_words words
         return [first_words(text.strip(), max_words)

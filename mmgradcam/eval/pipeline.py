@@ -250,7 +250,8 @@ class Evaluation:
     def _caption_jobs(self, loaded: list[DecodedImage]) -> list[CaptionJob]:
         captioner = self.captioner
         with self._stage("generate"):
-            generated = captioner.generate_from_pixels(torch.cat([image.pixel_values for image in loaded]))
+            generated = captioner.generate_from_pixels(torch.cat([image.pixel_values for image in loaded]),
+                                                       geometries=[image.geometry for image in loaded])
         for image, caption in zip(loaded, generated):
             if not caption.strip():
                 raise ValueError(f"the model generated an empty caption for image {image.image_id}")
