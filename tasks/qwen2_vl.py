@@ -18,8 +18,9 @@ layer's tokens are put back in raster order: on the patch grid h x w, or on the 
 are in raster order on the merged grid already (the merger's reverse index).
 
 The number of image tokens depends on the image: the prompt is laid out per image grid, and
-images of different grids in one ``explain_batch`` / ``score_batch`` / ``generate_batch`` call run as
-one forward per grid (images of the same grid share one). Guided Grad-CAM is refused: its pixel
+images of different grids in one ``explain_batch`` / ``explain_pixels`` / ``score_batch`` /
+``generate_batch`` / ``generate_from_pixels`` call run as one forward per grid (images of the same
+grid share one); packed patches are split by the grids their geometries give. Guided Grad-CAM is refused: its pixel
 gradients would be taken on the flattened patches, not on a (B, C, H, W) image.
 """
 from __future__ import annotations
@@ -157,15 +158,27 @@ class QwenVLFamily(ChatVLM):
     # ------------------------------------------------------------------ the images of a call
     def image_grid(self, image: Image.Image) -> Grid:
         """(t, h, w) patches the processor makes of ``image`` (from its measured resize)."""
-        height, width = self.processor.geometry((image.height, image.width)).input_size
+        return self.geometry_grid(self.processor.geometry((image.height, image.width)))
+
+    def geometry_grid(self, geometry: AxisAligned) -> Grid:
+        """(t, h, w) patches of the resized image a geometry maps back (its input size)."""
+        height, width = geometry.input_size
         return 1, height // self.patch, width // self.patch
 
-    def by_grid(self, images: Sequence[Image.Image]) -> dict[Grid, list[int]]:
-        """The indices of ``images`` grouped by patch grid (in order): one forward per group."""
+    @staticmethod
+    def group(grids: Sequence[Grid]) -> dict[Grid, list[int]]:
+        """The indices of ``grids`` grouped by grid (in order): one forward per group."""
         groups: dict[Grid, list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(self.image_grid(image), []).append(i)
+        for i, grid in enumerate(grids):
+            groups.setdefault(grid, []).append(i)
         return groups
+
+    def split_patches(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> list[torch.Tensor]:
+        """The packed patches of several images, one tensor per image."""
+        counts = [t * h * w for t, h, w in grids]
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"{pixel_values.shape[0]} patches given for images of {sum(counts)} patches ({list(grids)})")
+        return list(pixel_values.split(counts))
 
     @contextlib.contextmanager
     def images_of(self, grid_thw: torch.Tensor | Grid, layer: nn.Module | str | None = None) -> Iterator[None]:
@@ -302,20 +315,21 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
         with self.images_of(inputs["image_grid_thw"]):
             return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
 
-    def explain_batch(self, images: Sequence[ImageLike], captions: Sequence[str | None] | None = None,
-                      **options: Any) -> list[Any]:
-        """``Captioner.explain_batch`` with one forward (and one batched backward) per image grid."""
-        pils = [load_image(image, what=f"images[{i}]") for i, image in enumerate(images)]
-        captions = list(captions) if captions is not None else [None] * len(pils)
-        if len(captions) != len(pils):
-            raise ValueError(f"{len(captions)} captions given for {len(pils)} images")
-        for i, caption in enumerate(captions):
-            if caption is not None and not isinstance(caption, str):
-                raise TypeError(f"captions[{i}] must be a str or None, got {type(caption).__name__}")
-        results: list[Any] = [None] * len(pils)
-        for grid, index in self.by_grid(pils).items():
+    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
+                       **options: Any) -> list[Any]:
+        """``Captioner.explain_pixels`` on the packed patches of several images (their grids read
+        from their geometries): one forward and one batched backward per image grid."""
+        grids = [self.geometry_grid(g) for g in geometries]
+        if len(captions) != len(grids):
+            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(grids)} "
+                             f"geometries, {len(captions)} captions")
+        images = self.split_patches(pixel_values, grids)
+        results: list[Any] = [None] * len(grids)
+        for grid, index in self.group(grids).items():
             with self.images_of(grid):
-                found = super().explain_batch([pils[i] for i in index], [captions[i] for i in index], **options)
+                tokens = [self.tokenize(captions[i]) for i in index]
+                inputs = self.batch_inputs(torch.cat([images[i] for i in index]), tokens)
+                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
             for i, result in zip(index, found):
                 results[i] = result
         return results
@@ -325,7 +339,7 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
             raise ValueError(f"{len(captions)} captions given for {len(images)} images")
         pils = [load_image(image) for image in images]
         scores: list[list[float]] = [[] for _ in pils]
-        for grid, index in self.by_grid(pils).items():
+        for grid, index in self.group([self.image_grid(pil) for pil in pils]).items():
             with self.images_of(grid):
                 found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
             for i, score in zip(index, found):
@@ -344,17 +358,28 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
                        max_words: int | None = None) -> list[str]:
-        pils = [load_image(image) for image in images]
-        captions = [""] * len(pils)
-        for grid, index in self.by_grid(pils).items():
+        prepared = [self.preprocess(image) for image in images]
+        return self.generate_from_pixels(torch.cat([inputs["pixel_values"] for inputs, _ in prepared]), beam_size,
+                                         max_words, geometries=[geometry for _, geometry in prepared])
+
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
+        """The replies to the prompt for the packed patches of several images, one generate per
+        image grid (read from the images' geometries)."""
+        if geometries is None:
+            raise ValueError(f"{type(self.vlm).__name__} packs the patches of all images into one sequence: "
+                             "generate_from_pixels needs each image's geometry (geometries=, from preprocess)")
+        grids = [self.geometry_grid(g) for g in geometries]
+        images = self.split_patches(pixel_values, grids)
+        captions = [""] * len(grids)
+        for grid, index in self.group(grids).items():
             with self.images_of(grid):
                 prompt = self.prompt_ids(self.prompt)
-            pixels = torch.cat([self.preprocess(pils[i])[0]["pixel_values"] for i in index])
             ids = torch.tensor([prompt] * len(index), device=self.device)
             with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
-                out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
+                out = self.vlm.generate(pixel_values=self.to_device(torch.cat([images[i] for i in index])),
                                         image_grid_thw=torch.tensor([grid] * len(index), device=self.device),
-                                        mm_token_type_ids=(ids == self.image_token_id).long(),
+                                        input_ids=ids, mm_token_type_ids=(ids == self.image_token_id).long(),
                                         attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                                         num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
             texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)

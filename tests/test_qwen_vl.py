@@ -398,3 +398,19 @@ def test_eval_run(saved, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["config"]["prompt"] == "Describe the shapes."
+
+
+def test_preprocessed_pixels_of_several_images(caps):
+    """The eval loop's path: the images' packed patches concatenated, split by their geometries."""
+    cap = caps["2.5"]
+    prepared = [cap.preprocess(image) for image in (WIDE, TALL, WIDE)]
+    pixels = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
+    geometries = [geometry for _, geometry in prepared]
+    assert cap.generate_from_pixels(pixels, max_words=3, geometries=geometries) == \
+        cap.generate_batch([WIDE, TALL, WIDE], max_words=3)
+    with pytest.raises(ValueError, match="needs each image's geometry"):
+        cap.generate_from_pixels(pixels)
+    found = cap.explain_pixels(pixels, geometries, [CAPTION, "a red circle", "two circles"])
+    torch.testing.assert_close(found[1].maps, cap.explain(TALL, "a red circle").maps, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="patches given for images of"):
+        cap.explain_pixels(pixels[:-1], geometries, [CAPTION] * 3)
