@@ -125,6 +125,10 @@ class QwenVLFamily(ChatVLM):
     def preset_layer(self) -> str:
         return last_block_name(self.vlm, self.vision_tower)
 
+    def sequence_inputs(self, input_ids: torch.Tensor, reply_start: int) -> dict[str, torch.Tensor]:
+        """M-RoPE places the image tokens on their grid: the model finds them by their type ids."""
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
     def image_outputs(self, pixel_inputs: Mapping[str, torch.Tensor]) -> Any:
         return self.vlm.get_image_features(pixel_values=pixel_inputs["pixel_values"],
                                            image_grid_thw=pixel_inputs["image_grid_thw"], return_dict=True)
@@ -214,8 +218,13 @@ class QwenVLFamily(ChatVLM):
 
     # ------------------------------------------------------------------ the grid of a layer
     def vision_grid(self) -> tuple[int, int]:
-        """The merged grid: the image tokens of the language model's sequence."""
+        """The patch grid of the current image(s): the vision tower's tokens."""
         _, h, w = self._current_grid()
+        return h, w
+
+    def image_token_grid(self) -> tuple[int, int]:
+        """The merged grid: the image tokens of the language model's sequence."""
+        h, w = self.vision_grid()
         return h // self.merge, w // self.merge
 
     def _samples(self, activation: torch.Tensor) -> int:
@@ -262,7 +271,7 @@ class QwenVLFamily(ChatVLM):
         if rest == 0 and per_image == h * w:
             grid, merged = (h, w), False
         elif rest == 0 and per_image * self.merge ** 2 == h * w:
-            grid, merged = self.vision_grid(), True
+            grid, merged = self.image_token_grid(), True
         else:
             raise ValueError(f"a vision layer output of {tensor.shape[lead - 1]} tokens does not hold {self._images} "
                              f"image(s) of {h}x{w} patches (or {h * w // self.merge ** 2} merged tokens)")
@@ -289,8 +298,6 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
 
     def tokenize(self, caption: str) -> GridTokens:
         tokens = super().tokenize(caption)
-        # M-RoPE places the image tokens on the grid: the model finds them through mm_token_type_ids
-        tokens.extra_inputs["mm_token_type_ids"] = (tokens.input_ids == self.image_token_id).long()
         return GridTokens(**{f.name: getattr(tokens, f.name) for f in fields(CaptionTokens)},
                           image_grid=self._current_grid())
 
@@ -379,9 +386,9 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
             with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
                 out = self.vlm.generate(pixel_values=self.to_device(torch.cat([images[i] for i in index])),
                                         image_grid_thw=torch.tensor([grid] * len(index), device=self.device),
-                                        input_ids=ids, mm_token_type_ids=(ids == self.image_token_id).long(),
-                                        attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                        num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
+                                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=self.max_new_tokens, num_beams=beam_size, do_sample=False,
+                                        use_cache=self.generation_cache, **self.sequence_inputs(ids, ids.shape[1]))
             texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
             for i, text in zip(index, texts):
                 captions[i] = first_words(text.strip(), max_words)
@@ -390,24 +397,23 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
 
 # ----------------------------------------------------------------------------- VQA
 class QwenEncodedImageLM(EncodedImageLM):
-    """``EncodedImageLM`` with M-RoPE's inputs: the image's grid and the image tokens' type ids,
-    repeated for the K answer rows (the answers' tokens are text)."""
+    """``EncodedImageLM`` with M-RoPE's inputs in the language model's forward: the image's grid
+    for each of the K answer rows, and the rows' image-token type ids (``sequence_inputs``)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor | None = None,
-                answer_mask: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, **pixel_inputs: torch.Tensor) -> torch.Tensor:
+                answer_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                **pixel_inputs: torch.Tensor) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         count = 1 if answer_ids is None else answer_ids.shape[0]
-        encoded = self.encode({**pixel_inputs, "image_grid_thw": image_grid_thw})
+        encoded = self.encode({"pixel_values": pixel_inputs["pixel_values"], "image_grid_thw": image_grid_thw})
         features = [f for f in encoded.pooler_output for _ in range(count)]  # one image, K rows
-        ids, mask, types = input_ids, attention_mask, mm_token_type_ids
+        ids, mask = input_ids, attention_mask
         if answer_ids is not None:
             ids = torch.cat([input_ids.expand(count, -1), answer_ids], dim=1)
             mask = torch.cat([attention_mask.expand(count, -1), answer_mask], dim=1)
-            types = torch.cat([mm_token_type_ids.expand(count, -1), torch.zeros_like(answer_ids)], dim=1)
-        return self.vlm(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
-                        image_grid_thw=image_grid_thw.repeat(count, 1),
+        return self.vlm(input_ids=ids, attention_mask=mask, image_grid_thw=image_grid_thw.repeat(count, 1),
+                        **self.sequence_inputs(ids, input_ids.shape[1]),
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 
 
@@ -415,7 +421,7 @@ class QwenVQA(QwenVLFamily, ChatVQA):
     """Generative VQA: K answers as K rows over one encoded image."""
 
     def engine_model(self, model: nn.Module) -> nn.Module:
-        return QwenEncodedImageLM(model, self.image_outputs)
+        return QwenEncodedImageLM(model, self.image_outputs, self.sequence_inputs)
 
     def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
                          **kwargs: Any) -> Any:

@@ -367,6 +367,7 @@ def tiny_qwen2_vl(version: str = "2", window_size: int = 56, seed: int = 0):
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids("<|im_end|>")
+    words_only(model, tokenizer)
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = getattr(transformers, f"{prefix}Processor")(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
