@@ -20,8 +20,8 @@ are in raster order on the merged grid already (the merger's reverse index).
 The number of image tokens depends on the image: the prompt is laid out per image grid, and
 images of different grids in one ``explain_batch`` / ``explain_pixels`` / ``score_batch`` /
 ``generate_batch`` / ``generate_from_pixels`` call run as one forward per grid (images of the same
-grid share one); packed patches are split by the grids their geometries give. Guided Grad-CAM is refused: its pixel
-gradients would be taken on the flattened patches, not on a (B, C, H, W) image.
+grid share one); packed patches are split by the grids their geometries give. Guided Grad-CAM is
+refused: its pixel gradients would be taken on the flattened patches, not on a (B, C, H, W) image.
 """
 from __future__ import annotations
 
