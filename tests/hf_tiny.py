@@ -373,3 +373,12 @@ def tiny_qwen2_vl(version: str = "2", window_size: int = 56, seed: int = 0):
         image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN_TEMPLATE)
     return model, processor
+
+
+def save_tiny(directory, built) -> "object":
+    """Save a tiny (model, processor) pair with ``save_pretrained`` into ``directory`` (loaded by
+    path in the family tests, as a user's local copy would be)."""
+    model, processor = built
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

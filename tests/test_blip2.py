@@ -15,7 +15,7 @@ from PIL import Image
 
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
-from hf_tiny import tiny_blip2
+from hf_tiny import tiny_blip2, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
 WORDS = ["two", "circles", "a", "triangle", "above", "the", "squares"]
@@ -27,13 +27,9 @@ SIZE, GRID, QUERIES = 42, (3, 3), 4  # 42 px / patch 14, CLS dropped; 4 query to
 
 @pytest.fixture(scope="module", params=["blip2", "instructblip"])
 def saved(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param) / "tiny"
     instruct = request.param == "instructblip"
-    model, processor = tiny_blip2(instruct=instruct, text="llama" if instruct else "opt", image_size=SIZE,
-                                  query_tokens=QUERIES)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return request.param, path
+    built = tiny_blip2(instruct=instruct, text="llama" if instruct else "opt", image_size=SIZE, query_tokens=QUERIES)
+    return request.param, save_tiny(tmp_path_factory.mktemp(request.param) / "tiny", built)
 
 
 @pytest.fixture(scope="module")

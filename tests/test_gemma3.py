@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
-from hf_tiny import tiny_gemma3
+from hf_tiny import tiny_gemma3, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
 WORDS = ["two", "circles", "a", "triangle", "above", "the", "squares"]
@@ -25,11 +25,7 @@ SIZE, PATCHES, TOKENS = 112, (8, 8), (4, 4)  # 112 px / patch 14; 16 soft tokens
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gemma3") / "tiny-gemma3"
-    model, processor = tiny_gemma3(image_size=SIZE)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3", tiny_gemma3(image_size=SIZE))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
-from hf_tiny import tiny_llava
+from hf_tiny import tiny_llava, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
 WORDS = ["two", "circles", "a", "triangle", "above", "the", "squares"]
@@ -23,11 +23,7 @@ GRID = (6, 6)  # 84 px / patch 14
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava") / "tiny-llava"
-    model, processor = tiny_llava(image_size=84)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("llava") / "tiny-llava", tiny_llava(image_size=84))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
-from hf_tiny import tiny_paligemma
+from hf_tiny import tiny_paligemma, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
 WORDS = ["two", "circles", "a", "triangle", "above", "the", "squares"]
@@ -25,11 +25,7 @@ SIZE, GRID = 84, (6, 6)  # 84 px / patch 14, one image token per patch, no CLS
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("paligemma") / "tiny-paligemma"
-    model, processor = tiny_paligemma(image_size=SIZE)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("paligemma") / "tiny-paligemma", tiny_paligemma(image_size=SIZE))
 
 
 @pytest.fixture(scope="module")
