@@ -89,6 +89,50 @@ def test_kill_and_resume_gives_the_uninterrupted_results(setup, reference_run, t
     assert sorted(done) == list(range(6)) and len(done) == len(set(done))
 
 
+def children_of(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``, read from /proc."""
+    found = set()
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(stat))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal")
+def test_no_decoding_worker_outlives_a_killed_run(setup, tmp_path):
+    """kill -9 of an eval with decoding workers: every worker is gone at once (within 2 s; the
+    DataLoader's own parent check alone takes up to 5 s, or never for a worker blocked on a full queue)."""
+    args = [sys.executable, "-m", "mmgradcam.cli", *eval_args(setup, tmp_path / "run", "--references", "--workers", "2")]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and len(workers) < 2:
+        workers = children_of(process.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the run finished or failed before its two workers started"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 2.0
+    while time.time() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.05)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)  # leave nothing behind, then fail
+    assert not left, f"decoding workers {left} outlived the killed run"
+
+
 def test_torchrun_two_processes_merge_to_the_same_results(setup, reference_run, tmp_path):
     out = tmp_path / "sharded"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

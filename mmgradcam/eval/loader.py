@@ -10,9 +10,13 @@ where it was made, so results are identical either way.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -126,6 +130,21 @@ def _as_is(item: DecodedBatch) -> DecodedBatch:
     return item  # a module-level function: workers may need to pickle it
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """A worker's init: on Linux the kernel kills it (SIGKILL) as soon as the thread that made it
+    (the one iterating the loader, the run's main thread) dies, so a run killed with ``kill -9`` leaves no decoder behind (DataLoader's own check of the
+    parent runs only between items, and a worker blocked on a full queue never gets there). A parent
+    already gone before this runs is caught by comparing its pid."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def decoded_batches(dataset: BatchDataset, order: Sequence[int], workers: int = 0,
                     pin_memory: bool = False) -> Iterator[DecodedBatch]:
     """Dataset items ``order[0], order[1], ...`` in that order, decoded by ``workers`` processes
@@ -135,5 +154,6 @@ def decoded_batches(dataset: BatchDataset, order: Sequence[int], workers: int = 
     if not order:
         return iter(())
     loader = DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_as_is,
-                        pin_memory=pin_memory, prefetch_factor=PREFETCH if workers > 0 else None)
+                        pin_memory=pin_memory, prefetch_factor=PREFETCH if workers > 0 else None,
+                        worker_init_fn=partial(die_with_parent, os.getpid()) if workers > 0 else None)
     return iter(loader)
