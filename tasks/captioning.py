@@ -243,9 +243,15 @@ class Captioner(Adapter):
                 layer_maps[:len(c), b] = word_maps[c]
                 layer_maps[-1, b] = word_maps.mean(dim=0)
             out[name] = Explanation(layer_maps=layer_maps, signed_layer_maps=layer_maps, activations=logits.new_empty(0),
-                                    gradients=None, scores=scores, input_size=tuple(model_inputs["pixel_values"].shape[-2:]),
+                                    gradients=None, scores=scores, input_size=self.readout_size(model_inputs),
                                     method=name, layer_name="LM head at the image tokens")
         return out
+
+    def readout_size(self, model_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(H, W) the readout methods' maps are upsampled to: the layer maps' (``layer_options``'
+        input_size, for a family whose pixel input is not one image) or the pixel input's."""
+        size = self.layer_options.get("input_size")
+        return tuple(size) if size is not None else tuple(model_inputs["pixel_values"].shape[-2:])
 
     def set_prompt(self, prompt: str) -> None:
         """The text the model is asked to caption with (chat VLMs' user turn); a family that reads

@@ -76,6 +76,10 @@ class ChatVLM(HFAdapter):
 
     needs_processor = True  # the loader passes the family's processor (chat template, image tokens)
     uses_chat_template = True  # False: the family overrides prompt_text and reply_tokens
+    # what the model reads instead of a (B, C, H, W) image, for a family whose pixel input is not one
+    # (Qwen2-VL's flattened patches, LLaVA-NeXT's tiles): the pixel-space methods are refused, naming it
+    pixel_input: str | None = None
+    image_input_keys = ("pixel_values",)  # the image processor's outputs the vision tower reads
     default_prompt = "Describe the image."
     question_prompt = "{question}"
 
@@ -141,6 +145,24 @@ class ChatVLM(HFAdapter):
         """The image(s) encoded once: an output whose ``pooler_output`` holds one (tokens, dim)
         tensor per image, as the model's forward takes it in ``mm_encoder_outputs["image"]``."""
         return self.vlm.get_image_features(**pixel_inputs, return_dict=True)
+
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's image inputs for the preprocessed pixels of a call's images (the pixels
+        alone unless the family's model needs more, e.g. LLaVA-NeXT's ``image_sizes``)."""
+        return {"pixel_values": pixel_values}
+
+    def image_token_placement(self) -> Any:
+        """None: the image tokens are the image-token grid in raster order; otherwise a function
+        (T, B, image tokens) -> (T, B, h, w) for the attention methods' maps (``AttentionGraph.placement``)."""
+        return None
+
+    def method_choice(self, method: Any) -> list[str]:
+        names = super().method_choice(method)
+        pixel = [n for n in names if is_pixel_method(n)]
+        if pixel and self.pixel_input is not None:
+            raise ValueError(f"{pixel[0]} needs the image input as (B, C, H, W) pixels; {type(self.vlm).__name__} "
+                             f"reads {self.pixel_input}: use a CAM or attention method")
+        return names
 
     # ------------------------------------------------------------------ layers
     @property
@@ -219,7 +241,7 @@ class ChatVLM(HFAdapter):
             raise ValueError("the image tokens are not contiguous in the sequence")
         layers = attention_modules(self.language_model, {"self_attn": "joint"})
         return AttentionGraph(layers, self.image_token_grid(), slice(start, start + len(positions)),
-                              context=partial(eager_attention, self.vlm))
+                              context=partial(eager_attention, self.vlm), placement=self.image_token_placement())
 
     # ------------------------------------------------------------------ the chat layout
     def set_prompt(self, prompt: str) -> None:
@@ -294,7 +316,7 @@ class ChatVLM(HFAdapter):
         hidden states."""
         pixels, _ = self.preprocess(self.probe_image())
         with torch.no_grad(), self.forward_context():
-            self.image_outputs(self.to_device({"pixel_values": pixels["pixel_values"]}))
+            self.image_outputs(self.to_device({k: v for k, v in pixels.items() if k in self.image_input_keys}))
 
     def _max_tokens(self) -> int:
         config = getattr(self.vlm.config, "text_config", self.vlm.config)
@@ -327,7 +349,7 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
 
     def batch_inputs(self, pixel_values: torch.Tensor, tokens: Sequence[CaptionTokens]) -> dict[str, torch.Tensor]:
         """The pixels and every collated text input (the ids, the mask and the sequence inputs)."""
-        return {"pixel_values": pixel_values, **self.collate(tokens)}
+        return {**self.pixel_inputs(pixel_values), **self.collate(tokens)}
 
     def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
                              geometries: Sequence[Any] | None = None) -> list[str]:
@@ -337,7 +359,7 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         prompt = self.prompt_ids(self.prompt)
         ids = torch.tensor([prompt] * len(pixels), device=self.device)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
-            out = self.vlm.generate(pixel_values=self.to_device(pixels), input_ids=ids,
+            out = self.vlm.generate(**self.to_device(self.pixel_inputs(pixels)), input_ids=ids,
                                     attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                                     num_beams=beam_size, do_sample=False, use_cache=self.generation_cache,
                                     **self.sequence_inputs(ids, ids.shape[1]))

@@ -167,22 +167,31 @@ def probe_geometry(process, original_size: tuple[int, int]) -> AxisAligned:
     h, w = original_size
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     ramp = np.stack([xs + 0.5, ys + 0.5, np.ones_like(xs)], axis=-1)
-    processed = process(ramp)
+    return measure_ramps(process(ramp), original_size)
+
+
+def measure_ramps(processed: torch.Tensor, original_size: tuple[int, int]) -> AxisAligned:
+    """The geometry of ``probe_geometry``'s coordinate ramps as a processor made them: (3, h, w),
+    the image anywhere inside (padding, zero in channel 2, may lie on any side, e.g. a centered pad)."""
+    h, w = original_size
     inside = processed[2] > 0.5
     rows = torch.nonzero(inside.any(dim=1)).flatten()
     cols = torch.nonzero(inside.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        raise ValueError("the processed image holds none of the image (all padding)")
+    start = (int(rows.min()), int(cols.min()))
     valid = (int(rows.max()) + 1, int(cols.max()) + 1)
 
-    def fit(values: torch.Tensor) -> tuple[float, float]:
+    def fit(values: torch.Tensor, first: int) -> tuple[float, float]:
         n = values.shape[0]
         interior = slice(max(1, n // 10), max(2, n - n // 10))  # borders are clamped by the resampling
-        p = torch.arange(n, dtype=torch.float64, device=values.device)[interior] + 0.5
+        p = torch.arange(first, first + n, dtype=torch.float64, device=values.device)[interior] + 0.5
         v = values.double()[interior]
         slope = float(((p - p.mean()) * (v - v.mean())).sum() / ((p - p.mean()) ** 2).sum())
         return slope, float(v.mean() - slope * p.mean())
 
-    sx, ox = fit(processed[0, int(rows[len(rows) // 2]), :valid[1]])
-    sy, oy = fit(processed[1, :valid[0], int(cols[len(cols) // 2])])
+    sx, ox = fit(processed[0, int(rows[len(rows) // 2]), start[1]:valid[1]], start[1])
+    sy, oy = fit(processed[1, start[0]:valid[0], int(cols[len(cols) // 2])], start[0])
     padded = valid != tuple(processed.shape[1:])
     return AxisAligned((h, w), tuple(processed.shape[1:]), (sy, sx), (oy, ox), valid if padded else None)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,6 @@ from torch import nn
 from mmgradcam.engine import preserved_state, resolve_layer
 from mmgradcam.engine.explanation import Explanation
 from mmgradcam.engine.layouts import FunctionLayout
-from mmgradcam.engine.registry import is_pixel_method
 
 from .captioning import CaptionTokens
 from .chat_vlm import ChatCaptioner, ChatVLM, ChatVQA, EncodedImageLM
@@ -97,6 +96,8 @@ class QwenVLFamily(ChatVLM):
     question_prompt = "{question}\nAnswer the question using a single word or phrase."
     geometry_class = PatchGeometry
     window_attention = False  # Qwen2.5-VL: the vision blocks run the merge blocks in window order
+    pixel_input = "flattened patches (pixel_values (patches, C*T*P*P))"
+    image_input_keys = ("pixel_values", "image_grid_thw")  # the vision tower needs the image's grid
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?",
                  processor: Any = None):
@@ -133,11 +134,6 @@ class QwenVLFamily(ChatVLM):
         return self.vlm.get_image_features(pixel_values=pixel_inputs["pixel_values"],
                                            image_grid_thw=pixel_inputs["image_grid_thw"], return_dict=True)
 
-    def _install_output_hooks(self) -> None:
-        pixels, _ = self.preprocess(self.probe_image())  # the vision tower needs the image's grid
-        with torch.no_grad(), self.forward_context():
-            self.image_outputs(self.to_device(pixels))
-
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
         """The base's context, and the model's M-RoPE offsets (``rope_deltas``, which every forward
@@ -150,14 +146,6 @@ class QwenVLFamily(ChatVLM):
         finally:
             if hasattr(holder, "rope_deltas"):
                 holder.rope_deltas = before
-
-    def method_choice(self, method: Any) -> list[str]:
-        names = super().method_choice(method)
-        pixel = [n for n in names if is_pixel_method(n)]
-        if pixel:
-            raise ValueError(f"{pixel[0]} needs the image input as (B, C, H, W) pixels; {type(self.vlm).__name__} "
-                             "reads flattened patches (pixel_values (patches, C*T*P*P)): use a CAM or attention method")
-        return names
 
     # ------------------------------------------------------------------ the images of a call
     def image_grid(self, image: Image.Image) -> Grid:
@@ -357,11 +345,6 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
                         geometries: Sequence[Any], **options: Any) -> list[Any]:
         with self.images_of(model_inputs["image_grid_thw"], options.get("layer")):
             return super()._explain_tokens(model_inputs, tokens, geometries, **options)
-
-    def _readout_explanations(self, *args: Any, **kwargs: Any) -> dict[str, Explanation]:
-        """TAM's maps, upsampled to the resized image (the pixel input holds patches, not an image)."""
-        found = super()._readout_explanations(*args, **kwargs)
-        return {name: replace(exp, input_size=self.layer_options["input_size"]) for name, exp in found.items()}
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
                        max_words: int | None = None) -> list[str]:

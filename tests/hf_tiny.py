@@ -375,6 +375,77 @@ def tiny_qwen2_vl(version: str = "2", window_size: int = 56, seed: int = 0):
     return model, processor
 
 
+# LLaVA-OneVision's chat template (ChatML turns, the image as "<image>\n" before the text), its video and
+# system-prompt parts left out
+ONEVISION_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+                      "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+                      "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', "
+                      "'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# tiles of 28 px (4x4 patches of 7 px): a wide, a tall and a square any-resolution grid
+ANYRES_PINPOINTS = [[28, 56], [56, 28], [28, 84], [84, 28], [56, 56]]
+
+
+def tiny_llava_next(onevision: bool = False, tile: int = 28, patch_size: int = 7, vision_layers: int = 3,
+                    pinpoints: list | None = None, max_tiles: int = 9, seed: int = 0):
+    """A tiny LLaVA-NeXT (CLIP tower with CLS, Llama decoder, LLaVA's template, ``<image>``,
+    vision_feature_layer -2, CLS dropped) or LLaVA-OneVision (``onevision``: SigLIP tower without CLS,
+    Qwen2 decoder, ChatML template, vision_feature_layer -1, "full" features, the tile grid
+    downsampled above ``max_tiles`` tiles' worth of tokens, ``anyres_max_<max_tiles>``), with the family's real
+    image processor and processor: tiles of ``tile`` px and any-resolution grids ``pinpoints``
+    (default ANYRES_PINPOINTS). Returns (model, processor)."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
+                              LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    pinpoints = [list(p) for p in (pinpoints or ANYRES_PINPOINTS)]
+    tokenizer = bpe_tokenizer()
+    special = ["<image>", "<|im_start|>", "<|im_end|>"] if onevision else ["<image>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    template = ONEVISION_TEMPLATE if onevision else LLAVA_TEMPLATE
+    tokenizer.chat_template = template
+    tokenizer.model_max_length = 512
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+                  image_size=tile, patch_size=patch_size)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    if onevision:
+        aspect = f"anyres_max_{max_tiles}"
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision).to_dict(),
+                                      text_config=Qwen2Config(**text).to_dict(), image_token_index=image_token,
+                                      image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio=aspect)
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        image_processor = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile},
+                                                       image_grid_pinpoints=pinpoints)
+        processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            video_processor=LlavaOnevisionVideoProcessor(),
+                                            num_image_tokens=(tile // patch_size) ** 2,
+                                            vision_feature_select_strategy="full", vision_aspect_ratio=aspect,
+                                            chat_template=template)
+    else:
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision).to_dict(),
+                                 text_config=LlamaConfig(**text).to_dict(), image_token_index=image_token,
+                                 image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default")
+        model = LlavaNextForConditionalGeneration(config).eval()
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": tile},
+                                                  crop_size={"height": tile, "width": tile},
+                                                  image_grid_pinpoints=pinpoints)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=template)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    words_only(model, tokenizer)
+    return model, processor
+
+
 def save_tiny(directory, built) -> "object":
     """Save a tiny (model, processor) pair with ``save_pretrained`` into ``directory`` (loaded by
     path in the family tests, as a user's local copy would be)."""
