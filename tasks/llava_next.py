@@ -1,0 +1,463 @@
+"""LLaVA-NeXT and LLaVA-OneVision (transformers): LlavaNextForConditionalGeneration and
+LlavaOnevisionForConditionalGeneration, captioning and generative VQA.
+
+**Any-resolution input.** The processor picks the resolution of ``image_grid_pinpoints`` that fits
+the image best (``select_best_resolution``), resizes the image into it keeping the aspect ratio,
+pads it centered and cuts it into tiles of the vision tower's size; tile 0 (the base) is the whole
+image resized to one tile (aspect ratio not kept): ``pixel_values`` (B, tiles, C, T, T) and
+``image_sizes`` (B, 2). The model stitches the tiles' patch grids into one grid, cuts the padding
+off (``unpad_image``, in patch cells), OneVision downsamples it (bilinear) when it holds more than
+``anyres_max_N`` tiles' worth of cells, appends ``image_newline`` after every row and puts the base
+tile's g x g grid first: base g*g + rows * (cols + 1) image tokens.
+
+**One map per image, on the unpadded stitched grid.** A vision-tower layer's (B*tiles, [CLS +] g*g,
+C) tokens: the tiles' grids stitched and cut exactly as the model's own ``unpad_image`` cuts them
+(run on cell indices); a language-model layer: its hidden states at the image tokens, the tile grid
+with the newline column dropped (OneVision: the downsampled grid). The base tile's grid is
+upsampled (bilinear) to the same grid and the two views go side by side as channels (2C): every
+CAM method weighs each view's channels by its own gradients, and the map is the sum of the two
+views' signed maps -- the language model reads both views' tokens (a mean differs by a factor
+only). The attention methods and TAM, per image token, likewise: tile grid plus upsampled base.
+
+**Geometry.** The unpadded grid covers the resized image inside the padded canvas (up to the
+cell rounding of ``unpad_image``): measured with coordinate ramps through the processor (tiles
+stitched back, cut to the unpadded cells) and inverted, so maps return at the original image size;
+a strip the rounding cuts off is marked unseen. The base view covers the whole image as well.
+
+**One forward per layout.** The number of image tokens depends on the image size: the prompt is
+laid out per layout (tile grid, unpadded grid), and images of different layouts in one
+``explain_batch`` / ``explain_pixels`` / ``score_batch`` / ``generate_batch`` call run one forward
+per layout (images of the same layout share one). Pixel-space methods (Guided Grad-CAM) are
+refused: the pixel input is tiles, not one image.
+
+Preset layer: the vision tower's block at ``vision_feature_layer``, as for LLaVA-1.5 (shared
+``LlavaFamily.preset_layer``): NeXT -2 (CLIP, CLS dropped), OneVision -1 (SigLIP, no CLS).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mmgradcam.engine.explanation import Explanation
+from mmgradcam.engine.layouts import FunctionLayout
+from mmgradcam.targets import logits_of
+
+from .chat_vlm import MAX_PREFIX_TOKENS, ChatCaptioner, ChatVQA
+from .common import register_adapter
+from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
+from .hf import ProcessorGeometry
+from .llava import LlavaFamily
+
+LAYER_REASON = ("the vision tower's block at vision_feature_layer (NeXT -2, OneVision -1): the projector reads its "
+                "patch tokens of every tile; maps on the stitched, unpadded tile grid plus the base image")
+
+
+@dataclass(frozen=True)
+class AnyResGrid:
+    """Where an image's tokens go (the same for every image size with this layout)."""
+
+    tiles: tuple[int, int]  # high-resolution tiles (rows, cols) of the padded canvas
+    cells: int  # g: patch cells per tile side (the base tile's grid is g x g)
+    crop: tuple[int, int, int, int]  # (top, rows, left, cols): the unpadded cells of the stitched grid
+    packed: tuple[int, int]  # the tile grid in the language model's sequence (OneVision may downsample)
+    cell_pixels: int  # tile pixels per cell (the patch size)
+
+    @property
+    def tile_count(self) -> int:
+        return 1 + self.tiles[0] * self.tiles[1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.crop[1], self.crop[3]
+
+    @property
+    def image_tokens(self) -> int:
+        return self.cells ** 2 + self.packed[0] * (self.packed[1] + 1)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(h, w) pixels of the canvas the unpadded grid covers."""
+        return self.crop[1] * self.cell_pixels, self.crop[3] * self.cell_pixels
+
+
+def side_by_side(base: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """Channels-last views (..., g, g, C) and (..., h, w, C) -> (..., 2C, h, w): the tile grid's
+    channels, then the base grid's upsampled (bilinear) to the tile grid."""
+    *lead, h, w, channels = tiles.shape
+    g = base.shape[-2]
+    up = F.interpolate(base.float().movedim(-1, -3).reshape(-1, channels, g, g), size=(h, w), mode="bilinear",
+                       align_corners=False).reshape(*lead, channels, h, w)
+    return torch.cat([tiles.float().movedim(-1, -3), up], dim=-3)
+
+
+def summed_views(base: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """(..., g, g, C) and (..., h, w, C) -> (..., C, h, w): the tile grid plus the upsampled base."""
+    both = side_by_side(base, tiles)
+    channels = tiles.shape[-1]
+    return both[..., :channels, :, :] + both[..., channels:, :, :]
+
+
+class AnyResGeometry(ProcessorGeometry):
+    """The processor's tiles, padded to the most tiles any image gets (so images of any size
+    concatenate), with ``image_sizes``; the geometry of the unpadded grid's region of the canvas,
+    measured with coordinate ramps (tiles stitched back, cut to the unpadded cells)."""
+
+    def __init__(self, image_processor: Any, grid_of: Any, max_tiles: int):
+        super().__init__(image_processor)
+        self.grid_of = grid_of  # (H, W) -> AnyResGrid, from the model's own functions
+        self.max_tiles = max_tiles
+
+    def pixels(self, image: Any) -> dict[str, torch.Tensor]:
+        out = self.image_processor(images=image, return_tensors="pt")
+        pixels = out["pixel_values"]
+        pixels = F.pad(pixels, (0, 0, 0, 0, 0, 0, 0, self.max_tiles - pixels.shape[1]))
+        return {"pixel_values": pixels, "image_sizes": out["image_sizes"]}
+
+    def geometry(self, size: tuple[int, int]) -> AxisAligned:
+        size = (int(size[0]), int(size[1]))
+        if size not in self._cache:
+            grid = self.grid_of(size)
+
+            def process(array: np.ndarray) -> torch.Tensor:
+                out = self.image_processor(images=array, do_rescale=False, do_normalize=False, return_tensors="pt")
+                tiles = out["pixel_values"][0, 1:grid.tile_count].float()
+                (rows, cols), side = grid.tiles, tiles.shape[-1]
+                canvas = tiles.reshape(rows, cols, 3, side, side).permute(2, 0, 3, 1, 4).reshape(
+                    3, rows * side, cols * side)
+                top, height, left, width = grid.crop
+                p = grid.cell_pixels
+                return canvas[:, top * p:(top + height) * p, left * p:(left + width) * p]
+
+            self._cache[size] = probe_geometry(process, size)
+        return self._cache[size]
+
+
+class AnyResFamily(LlavaFamily):
+    """What LLaVA-NeXT's and LLaVA-OneVision's captioner and answerer share: the any-resolution
+    layout of an image size, the prompt laid out per layout, the tiles stitched into one grid."""
+
+    layer_reason = LAYER_REASON
+    pixel_input = "any-resolution tiles (pixel_values (B, tiles, C, H, W))"
+    image_input_keys = ("pixel_values", "image_sizes")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?",
+                 processor: Any = None):
+        self._grids: dict[tuple[int, int], AnyResGrid] = {}
+        self._size: tuple[int, int] | None = None  # an image size of the layout being explained
+        super().__init__(model, tokenizer, image_processor, name, processor)
+        self._layout_options = {"layout": FunctionLayout(self._tokens_to_grid, batch_size=self._samples)}
+        self.layer_options = dict(self._layout_options)
+
+    @property
+    def geometry_class(self) -> Any:
+        return partial(AnyResGeometry, grid_of=self.anyres_grid, max_tiles=self.max_tiles())
+
+    # ------------------------------------------------------------------ the layout of an image size
+    @property
+    def tile_size(self) -> int:
+        return int(self.vlm.config.vision_config.image_size)
+
+    def max_tiles(self) -> int:
+        side = self.tile_size
+        return 1 + max(math.ceil(h / side) * math.ceil(w / side) for h, w in self.vlm.config.image_grid_pinpoints)
+
+    def anyres_grid(self, size: Sequence[int]) -> AnyResGrid:
+        """The layout of an image of ``size`` (H, W), from the model's own functions
+        (``get_anyres_image_grid_shape``, ``unpad_image`` run on cell indices)."""
+        key = (int(size[0]), int(size[1]))
+        if key not in self._grids:
+            config = self.vlm.config
+            module = inspect.getmodule(type(self.vlm))
+            tile, patch = self.tile_size, int(config.vision_config.patch_size)
+            g = tile // patch
+            rows, cols = module.get_anyres_image_grid_shape(list(key), config.image_grid_pinpoints, tile)
+            cells = torch.arange(rows * g * cols * g).reshape(1, rows * g, cols * g)
+            kept = module.unpad_image(cells, list(key))
+            top, left = divmod(int(kept[0, 0, 0]), cols * g)
+            height, width = kept.shape[1:]
+            self._grids[key] = AnyResGrid((int(rows), int(cols)), g, (top, height, left, width),
+                                          self.packed_grid(height, width, g), patch)
+        return self._grids[key]
+
+    def packed_grid(self, height: int, width: int, cells: int) -> tuple[int, int]:
+        """The unpadded tile grid as the language model's sequence holds it (NeXT: as it is)."""
+        return height, width
+
+    def layout_key(self, size: Sequence[int]) -> Hashable:
+        grid = self.anyres_grid(size)
+        return grid.tiles, grid.crop, grid.packed
+
+    @contextlib.contextmanager
+    def images_of(self, sizes: Sequence[Sequence[int]] | torch.Tensor) -> Iterator[None]:
+        """For the duration: the images of one forward (their (H, W) sizes, all of one layout), the
+        layout's layer options (maps upsampled to the unpadded canvas). Restored after, also on errors."""
+        rows = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
+        keys = {self.layout_key(s) for s in rows}
+        if len(keys) != 1:
+            raise ValueError(f"one forward explains images of one any-resolution layout, got sizes {rows}")
+        saved = self._size, self.layer_options
+        self._size = tuple(int(v) for v in rows[0])
+        self.layer_options = {**self._layout_options, "input_size": self.anyres_grid(self._size).input_size}
+        try:
+            yield
+        finally:
+            self._size, self.layer_options = saved
+
+    def current_grid(self) -> AnyResGrid:
+        if self._size is None:
+            raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image size: lay out and "
+                             "explain through explain / explain_batch / prepare (they know the image)")
+        return self.anyres_grid(self._size)
+
+    def group(self, sizes: Sequence[Sequence[int]]) -> dict[Hashable, list[int]]:
+        """The indices of ``sizes`` grouped by layout (in order): one forward per group."""
+        groups: dict[Hashable, list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(self.layout_key(size), []).append(i)
+        return groups
+
+    def vision_grid(self) -> tuple[int, int]:
+        return self.current_grid().grid
+
+    def image_token_grid(self) -> tuple[int, int]:
+        return self.current_grid().packed
+
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tiles and ``image_sizes``: any size of the layout gives the model the same tiles,
+        unpadding and tokens."""
+        sizes = torch.tensor([self._size_of_layout()] * len(pixel_values), dtype=torch.long,
+                             device=pixel_values.device)
+        return {"pixel_values": pixel_values, "image_sizes": sizes}
+
+    def _size_of_layout(self) -> tuple[int, int]:
+        self.current_grid()  # refuses outside a layout
+        return self._size
+
+    # ------------------------------------------------------------------ tokens -> the image's grid
+    def image_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, n) positions of all the image tokens (base, tile rows, newlines) in each row."""
+        count = self.current_grid().image_tokens
+        found = rows.sum(dim=1)
+        if found.numel() == 0 or bool((found != count).any()):
+            raise ValueError(f"expected {count} image tokens in every row (this image size's layout), found "
+                             f"{found.tolist()}")
+        return torch.nonzero(rows)[:, 1].reshape(rows.shape[0], count)
+
+    def packed_views(self, picked: torch.Tensor, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., n image tokens, C) in the sequence's order -> the base grid (..., g, g, C) and the
+        tile grid (..., h, w, C), the newline after each row dropped."""
+        grid = self.current_grid()
+        g, (h, w) = grid.cells, grid.packed
+        shape, channels = picked.shape[:lead], picked.shape[-1]
+        base = picked[..., :g * g, :].reshape(*shape, g, g, channels)
+        tiles = picked[..., g * g:, :].reshape(*shape, h, w + 1, channels)[..., :w, :]
+        return base, tiles
+
+    def tower_views(self, tensor: torch.Tensor, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A vision layer's (..., images * tiles, [prefix +] g*g, C) -> the base grid (..., images,
+        g, g, C) and the stitched tile grid cut to its unpadded cells (..., images, h, w, C)."""
+        grid = self.current_grid()
+        g, (rows, cols) = grid.cells, grid.tiles
+        count, tokens, channels = tensor.shape[lead - 1], tensor.shape[lead], tensor.shape[-1]
+        prefix = tokens - g * g
+        if count % grid.tile_count or not 0 <= prefix <= MAX_PREFIX_TOKENS:
+            raise ValueError(f"a layer output of {count} x {tokens} tokens is neither the vision tower's tiles "
+                             f"({grid.tile_count} per image, {g}x{g} patches after up to {MAX_PREFIX_TOKENS} prefix "
+                             "tokens) nor the language model's sequence")
+        outer = tensor.shape[:lead - 1]
+        per_image = tensor[..., prefix:, :].reshape(*outer, count // grid.tile_count, grid.tile_count, g, g, channels)
+        base = per_image[..., 0, :, :, :]
+        stitched = per_image[..., 1:, :, :, :].reshape(*per_image.shape[:-4], rows, cols, g, g, channels)
+        stitched = stitched.transpose(-4, -3).reshape(*per_image.shape[:-4], rows * g, cols * g, channels)
+        top, height, left, width = grid.crop
+        return base, stitched[..., top:top + height, left:left + width, :]
+
+    def _is_sequence(self, tensor: torch.Tensor, lead: int) -> bool:
+        rows = self._image_rows
+        return rows is not None and tensor.shape[lead] == rows.shape[1] and tensor.shape[lead - 1] == rows.shape[0]
+
+    def _samples(self, activation: torch.Tensor) -> int:
+        """The images in a layer output: a vision layer's first dimension holds their tiles."""
+        if self._is_sequence(activation, 1):
+            return int(activation.shape[0])
+        return int(activation.shape[0]) // self.current_grid().tile_count
+
+    def _tokens_to_grid(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
+        """(..., B, N, C) -> (..., B, 2C, h, w): the tile view's channels, then the base view's
+        upsampled to the same grid (a vision layer: the unpadded stitched grid; a language-model
+        layer: its hidden states at the image tokens, on the sequence's tile grid)."""
+        if self._is_sequence(tensor, lead):
+            positions = self.image_positions(self._image_rows).to(tensor.device)  # (B, n)
+            index = positions.reshape(*([1] * (lead - 1)), *positions.shape, 1)
+            picked = tensor.gather(lead, index.expand(*tensor.shape[:lead], positions.shape[1], tensor.shape[-1]))
+            return side_by_side(*self.packed_views(picked, lead))
+        return side_by_side(*self.tower_views(tensor, lead))
+
+    def image_token_placement(self) -> Any:
+        """The attention methods' (T, B, n image tokens) -> (T, B, h, w): tile grid plus upsampled base."""
+        def place(values: torch.Tensor) -> torch.Tensor:
+            base, tiles = self.packed_views(values[..., None], values.dim() - 1)
+            return summed_views(base, tiles)[..., 0, :, :]
+        return place
+
+    # ------------------------------------------------------------------ the prompt
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's ids with the image tokens expanded for the current layout (laid out by the
+        processor once per prompt and layout, with an image of the layout's size)."""
+        grid = self.current_grid()
+        key = (text, self.layout_key(self._size))
+        if key not in self._prompt_cache:
+            probe = Image.new("RGB", (self._size[1], self._size[0]), (128, 128, 128))
+            ids = self.prompt_inputs(text, probe)["input_ids"][0]
+            if int((ids == self.image_token_id).sum()) != grid.image_tokens:
+                raise ValueError(f"the processor laid out {int((ids == self.image_token_id).sum())} image tokens for "
+                                 f"an image of {self._size}; the model expects {grid.image_tokens}")
+            self._prompt_cache[key] = ids.tolist()
+        return self._prompt_cache[key]
+
+
+# ----------------------------------------------------------------------------- captioning
+class AnyResCaptioner(AnyResFamily, ChatCaptioner):
+    """Captioning as the assistant's reply; one forward per any-resolution layout."""
+
+    def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """TAM: the LM head's logits at the image tokens, tile grid plus upsampled base."""
+        logits = logits_of(output)
+        positions = self.image_positions(inputs["input_ids"] == self.image_token_id).to(logits.device)
+        picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+        combined = summed_views(*self.packed_views(picked, 1))  # (B, V, h, w)
+        return combined.flatten(2).transpose(1, 2), self.image_token_grid()
+
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        pil = load_image(image)
+        with self.images_of([(pil.height, pil.width)]):
+            return super().prepare(pil, text)
+
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
+                         **kwargs: Any) -> Any:
+        with self.images_of(inputs["image_sizes"]):
+            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
+
+    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[Any],
+                        geometries: Sequence[Any], **options: Any) -> list[Any]:
+        with self.images_of(model_inputs["image_sizes"]):
+            return super()._explain_tokens(model_inputs, tokens, geometries, **options)
+
+    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
+                       **options: Any) -> list[Any]:
+        """``Captioner.explain_pixels``: one forward and one batched backward per layout (the image
+        sizes read from the geometries)."""
+        if not len(pixel_values) == len(geometries) == len(captions):
+            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(pixel_values)} "
+                             f"images, {len(geometries)} geometries, {len(captions)} captions")
+        sizes = [g.original_size for g in geometries]
+        results: list[Any] = [None] * len(sizes)
+        for index in self.group(sizes).values():
+            with self.images_of([sizes[i] for i in index]):
+                tokens = [self.tokenize(captions[i]) for i in index]
+                inputs = self.batch_inputs(pixel_values[index], tokens)
+                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
+            for i, result in zip(index, found):
+                results[i] = result
+        return results
+
+    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
+        pils = [load_image(image) for image in images]
+        scores: list[list[float]] = [[] for _ in pils]
+        sizes = [(pil.height, pil.width) for pil in pils]
+        for index in self.group(sizes).values():
+            with self.images_of([sizes[i] for i in index]):
+                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
+            for i, score in zip(index, found):
+                scores[i] = score
+        return scores
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
+        prepared = [self.preprocess(image) for image in images]
+        return self.generate_from_pixels(torch.cat([inputs["pixel_values"] for inputs, _ in prepared]), beam_size,
+                                         max_words, geometries=[geometry for _, geometry in prepared])
+
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
+        """The replies to the prompt, one generate per layout (the image sizes read from the geometries)."""
+        if geometries is None or len(geometries) != len(pixel_values):
+            raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image size: "
+                             "generate_from_pixels needs each image's geometry (geometries=, from preprocess)")
+        sizes = [g.original_size for g in geometries]
+        captions = [""] * len(sizes)
+        for index in self.group(sizes).values():
+            with self.images_of([sizes[i] for i in index]):
+                found = super().generate_from_pixels(pixel_values[index], beam_size, max_words)
+            for i, caption in zip(index, found):
+                captions[i] = caption
+        return captions
+
+
+# ----------------------------------------------------------------------------- VQA
+class AnyResVQA(AnyResFamily, ChatVQA):
+    """Generative VQA: K answers as K rows over one encoded image."""
+
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        pil = load_image(image)
+        with self.images_of([(pil.height, pil.width)]):
+            inputs, geometry = super().prepare(pil, text)
+        inputs.pop("batch_num_images", None)  # one image per row (OneVision's processor says so)
+        return inputs, geometry
+
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
+                         **kwargs: Any) -> Any:
+        with self.images_of(inputs["image_sizes"]):
+            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
+
+    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
+                   names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
+        with self.images_of(inputs["image_sizes"]):
+            return super().run_engine(inputs, targets, layer, names, attention, **options)
+
+
+# ----------------------------------------------------------------------------- registration
+class OnevisionGrid:
+    """LLaVA-OneVision: the unpadded tile grid is downsampled (bilinear) when it holds more than
+    ``anyres_max_N`` tiles' worth of cells (the model's ``pack_image_features``)."""
+
+    family = "llava-onevision"
+
+    def packed_grid(self, height: int, width: int, cells: int) -> tuple[int, int]:
+        aspect = str(getattr(self.vlm.config, "vision_aspect_ratio", None) or "anyres_max_9")
+        most = int(aspect.removeprefix("anyres_max_"))
+        ratio = math.sqrt(height * width / (most * cells ** 2))
+        return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else (height, width)
+
+
+@register_adapter("captioning", model_type="llava_next", model_class="LlavaNextForConditionalGeneration")
+class LlavaNextCaptioner(AnyResCaptioner):
+    family = "llava-next"
+
+
+@register_adapter("vqa", model_type="llava_next", model_class="LlavaNextForConditionalGeneration")
+class LlavaNextVQA(AnyResVQA):
+    family = "llava-next"
+
+
+@register_adapter("captioning", model_type="llava_onevision", model_class="LlavaOnevisionForConditionalGeneration")
+class LlavaOnevisionCaptioner(OnevisionGrid, AnyResCaptioner):
+    pass
+
+
+@register_adapter("vqa", model_type="llava_onevision", model_class="LlavaOnevisionForConditionalGeneration")
+class LlavaOnevisionVQA(OnevisionGrid, AnyResVQA):
+    pass
