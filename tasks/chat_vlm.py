@@ -357,7 +357,8 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         eval pipeline's decoded batches)."""
         pixels = pixel_values
         prompt = self.prompt_ids(self.prompt)
-        ids = torch.tensor([prompt] * len(pixels), device=self.device)
+        # one row per image (packed pixels, as Qwen2-VL's, hold more rows than images: their geometries count them)
+        ids = torch.tensor([prompt] * (len(pixels) if geometries is None else len(geometries)), device=self.device)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
             out = self.vlm.generate(**self.to_device(self.pixel_inputs(pixels)), input_ids=ids,
                                     attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
@@ -372,6 +373,101 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         positions = self.image_positions(inputs["input_ids"] == self.image_token_id).to(logits.device)
         picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
         return picked, self.image_token_grid()
+
+
+class LayoutPerImage:
+    """What a family whose image-token layout depends on the image (Qwen2-VL's patch grid,
+    LLaVA-NeXT's any-resolution tiles) shares for captioning and VQA: the images of a call grouped
+    by layout, one forward (and one batched backward) per layout, images of one layout sharing one.
+
+    The family provides ``layout_key(geometry)`` (equal for images that share a forward), the
+    context managers ``images_at(geometries)`` and ``images_in(model_inputs, layer=None)`` (for
+    the duration: the layout of those images, as the prompt, the pixel inputs and the layer's
+    layout need it) and ``split_pixels(pixel_values, geometries)`` (preprocessed pixels of several
+    images, one tensor per image, which ``torch.cat`` joins back for a group)."""
+
+    def group(self, geometries: Sequence[Any]) -> dict[Any, list[int]]:
+        """The indices of ``geometries`` grouped by layout (in order): one forward per group."""
+        groups: dict[Any, list[int]] = {}
+        for i, geometry in enumerate(geometries):
+            groups.setdefault(self.layout_key(geometry), []).append(i)
+        return groups
+
+    def image_geometry(self, image: Image.Image) -> AxisAligned:
+        return self.processor.geometry((image.height, image.width))
+
+    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
+                         **kwargs: Any) -> Any:
+        with self.images_in(inputs):
+            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
+
+
+class LayoutPerImageCaptioner(LayoutPerImage, ChatCaptioner):
+    """Captioning with one forward per image layout (see ``LayoutPerImage``)."""
+
+    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
+        pil = load_image(image)
+        with self.images_at([self.image_geometry(pil)]):
+            return super().prepare(pil, text)
+
+    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
+                        geometries: Sequence[Any], **options: Any) -> list[Any]:
+        with self.images_in(model_inputs, options.get("layer")):
+            return super()._explain_tokens(model_inputs, tokens, geometries, **options)
+
+    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
+                       **options: Any) -> list[Any]:
+        """``Captioner.explain_pixels`` on the preprocessed pixels of several images (their layouts
+        read from their geometries): one forward and one batched backward per layout."""
+        if len(captions) != len(geometries):
+            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(geometries)} "
+                             f"geometries, {len(captions)} captions")
+        images = self.split_pixels(pixel_values, geometries)
+        results: list[Any] = [None] * len(geometries)
+        for index in self.group(geometries).values():
+            with self.images_at([geometries[i] for i in index]):
+                tokens = [self.tokenize(captions[i]) for i in index]
+                inputs = self.batch_inputs(torch.cat([images[i] for i in index]), tokens)
+                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
+            for i, result in zip(index, found):
+                results[i] = result
+        return results
+
+    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
+        pils = [load_image(image) for image in images]
+        geometries = [self.image_geometry(pil) for pil in pils]
+        scores: list[list[float]] = [[] for _ in pils]
+        for index in self.group(geometries).values():
+            with self.images_at([geometries[i] for i in index]):
+                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
+            for i, score in zip(index, found):
+                scores[i] = score
+        return scores
+
+    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
+                       max_words: int | None = None) -> list[str]:
+        prepared = [self.preprocess(image) for image in images]
+        return self.generate_from_pixels(torch.cat([inputs["pixel_values"] for inputs, _ in prepared]), beam_size,
+                                         max_words, geometries=[geometry for _, geometry in prepared])
+
+    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+                             geometries: Sequence[Any] | None = None) -> list[str]:
+        """The replies to the prompt for the preprocessed pixels of several images, one generate
+        per layout (read from the images' geometries)."""
+        if geometries is None:
+            raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image: generate_from_pixels "
+                             "needs each image's geometry (geometries=, from preprocess)")
+        images = self.split_pixels(pixel_values, geometries)
+        captions = [""] * len(geometries)
+        for index in self.group(geometries).values():
+            with self.images_at([geometries[i] for i in index]):
+                found = super().generate_from_pixels(torch.cat([images[i] for i in index]), beam_size, max_words,
+                                                     [geometries[i] for i in index])
+            for i, caption in zip(index, found):
+                captions[i] = caption
+        return captions
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -571,3 +667,12 @@ class ChatVQA(ChatVLM, VQAModel):
             return []
         scored = zip(candidates, self.answer_probabilities(base, candidates))
         return sorted(scored, key=lambda pair: pair[1], reverse=True)[:top_k]
+
+
+class LayoutPerImageVQA(LayoutPerImage, ChatVQA):
+    """Generative VQA whose layer layout depends on the image (see ``LayoutPerImage``)."""
+
+    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
+                   names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
+        with self.images_in(inputs, layer):
+            return super().run_engine(inputs, targets, layer, names, attention, **options)

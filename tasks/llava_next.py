@@ -49,13 +49,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmgradcam.engine.explanation import Explanation
 from mmgradcam.engine.layouts import FunctionLayout
 from mmgradcam.targets import logits_of
 
-from .chat_vlm import MAX_PREFIX_TOKENS, ChatCaptioner, ChatVQA
+from .chat_vlm import MAX_PREFIX_TOKENS, LayoutPerImageCaptioner, LayoutPerImageVQA
 from .common import register_adapter
-from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
+from .geometry import AxisAligned, probe_geometry
 from .hf import ProcessorGeometry
 from .llava import LlavaFamily
 
@@ -194,7 +193,8 @@ class AnyResFamily(LlavaFamily):
         """The unpadded tile grid as the language model's sequence holds it (NeXT: as it is)."""
         return height, width
 
-    def layout_key(self, size: Sequence[int]) -> Hashable:
+    def size_key(self, size: Sequence[int]) -> Hashable:
+        """Equal for image sizes the model lays out alike (tiles, unpadded cells, sequence grid)."""
         grid = self.anyres_grid(size)
         return grid.tiles, grid.crop, grid.packed
 
@@ -203,7 +203,7 @@ class AnyResFamily(LlavaFamily):
         """For the duration: the images of one forward (their (H, W) sizes, all of one layout), the
         layout's layer options (maps upsampled to the unpadded canvas). Restored after, also on errors."""
         rows = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
-        keys = {self.layout_key(s) for s in rows}
+        keys = {self.size_key(s) for s in rows}
         if len(keys) != 1:
             raise ValueError(f"one forward explains images of one any-resolution layout, got sizes {rows}")
         saved = self._size, self.layer_options
@@ -220,12 +220,27 @@ class AnyResFamily(LlavaFamily):
                              "explain through explain / explain_batch / prepare (they know the image)")
         return self.anyres_grid(self._size)
 
-    def group(self, sizes: Sequence[Sequence[int]]) -> dict[Hashable, list[int]]:
-        """The indices of ``sizes`` grouped by layout (in order): one forward per group."""
-        groups: dict[Hashable, list[int]] = {}
-        for i, size in enumerate(sizes):
-            groups.setdefault(self.layout_key(size), []).append(i)
-        return groups
+    # the images of a call, grouped by layout (``LayoutPerImage``); a geometry knows its image's size
+    def layout_key(self, geometry: AxisAligned) -> Hashable:
+        return self.size_key(geometry.original_size)
+
+    def images_at(self, geometries: Sequence[AxisAligned]) -> contextlib.AbstractContextManager:
+        return self.images_of([g.original_size for g in geometries])
+
+    def images_in(self, inputs: Mapping[str, torch.Tensor],
+                  layer: nn.Module | str | None = None) -> contextlib.AbstractContextManager:
+        return self.images_of(inputs["image_sizes"])
+
+    def split_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[AxisAligned]) -> list[torch.Tensor]:
+        """One (1, tiles, C, T, T) tensor per image (preprocess pads every image to the same tiles)."""
+        if len(pixel_values) != len(geometries):
+            raise ValueError(f"{len(pixel_values)} images' tiles given with {len(geometries)} geometries")
+        return list(pixel_values.split(1))
+
+    def prompt_inputs(self, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+        inputs = super().prompt_inputs(text, image)
+        inputs.pop("batch_num_images", None)  # one image per row (OneVision's processor says so)
+        return inputs
 
     def vision_grid(self) -> tuple[int, int]:
         return self.current_grid().grid
@@ -316,7 +331,7 @@ class AnyResFamily(LlavaFamily):
         """The prompt's ids with the image tokens expanded for the current layout (laid out by the
         processor once per prompt and layout, with an image of the layout's size)."""
         grid = self.current_grid()
-        key = (text, self.layout_key(self._size))
+        key = (text, self.size_key(self._size))
         if key not in self._prompt_cache:
             probe = Image.new("RGB", (self._size[1], self._size[0]), (128, 128, 128))
             ids = self.prompt_inputs(text, probe)["input_ids"][0]
@@ -328,7 +343,7 @@ class AnyResFamily(LlavaFamily):
 
 
 # ----------------------------------------------------------------------------- captioning
-class AnyResCaptioner(AnyResFamily, ChatCaptioner):
+class AnyResCaptioner(AnyResFamily, LayoutPerImageCaptioner):
     """Captioning as the assistant's reply; one forward per any-resolution layout."""
 
     def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -339,94 +354,10 @@ class AnyResCaptioner(AnyResFamily, ChatCaptioner):
         combined = summed_views(*self.packed_views(picked, 1))  # (B, V, h, w)
         return combined.flatten(2).transpose(1, 2), self.image_token_grid()
 
-    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
-        pil = load_image(image)
-        with self.images_of([(pil.height, pil.width)]):
-            return super().prepare(pil, text)
-
-    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
-                         **kwargs: Any) -> Any:
-        with self.images_of(inputs["image_sizes"]):
-            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
-
-    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[Any],
-                        geometries: Sequence[Any], **options: Any) -> list[Any]:
-        with self.images_of(model_inputs["image_sizes"]):
-            return super()._explain_tokens(model_inputs, tokens, geometries, **options)
-
-    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
-                       **options: Any) -> list[Any]:
-        """``Captioner.explain_pixels``: one forward and one batched backward per layout (the image
-        sizes read from the geometries)."""
-        if not len(pixel_values) == len(geometries) == len(captions):
-            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(pixel_values)} "
-                             f"images, {len(geometries)} geometries, {len(captions)} captions")
-        sizes = [g.original_size for g in geometries]
-        results: list[Any] = [None] * len(sizes)
-        for index in self.group(sizes).values():
-            with self.images_of([sizes[i] for i in index]):
-                tokens = [self.tokenize(captions[i]) for i in index]
-                inputs = self.batch_inputs(pixel_values[index], tokens)
-                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
-            for i, result in zip(index, found):
-                results[i] = result
-        return results
-
-    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
-        if len(images) != len(captions):
-            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
-        pils = [load_image(image) for image in images]
-        scores: list[list[float]] = [[] for _ in pils]
-        sizes = [(pil.height, pil.width) for pil in pils]
-        for index in self.group(sizes).values():
-            with self.images_of([sizes[i] for i in index]):
-                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
-            for i, score in zip(index, found):
-                scores[i] = score
-        return scores
-
-    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
-                       max_words: int | None = None) -> list[str]:
-        prepared = [self.preprocess(image) for image in images]
-        return self.generate_from_pixels(torch.cat([inputs["pixel_values"] for inputs, _ in prepared]), beam_size,
-                                         max_words, geometries=[geometry for _, geometry in prepared])
-
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
-                             geometries: Sequence[Any] | None = None) -> list[str]:
-        """The replies to the prompt, one generate per layout (the image sizes read from the geometries)."""
-        if geometries is None or len(geometries) != len(pixel_values):
-            raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image size: "
-                             "generate_from_pixels needs each image's geometry (geometries=, from preprocess)")
-        sizes = [g.original_size for g in geometries]
-        captions = [""] * len(sizes)
-        for index in self.group(sizes).values():
-            with self.images_of([sizes[i] for i in index]):
-                found = super().generate_from_pixels(pixel_values[index], beam_size, max_words)
-            for i, caption in zip(index, found):
-                captions[i] = caption
-        return captions
-
 
 # ----------------------------------------------------------------------------- VQA
-class AnyResVQA(AnyResFamily, ChatVQA):
+class AnyResVQA(AnyResFamily, LayoutPerImageVQA):
     """Generative VQA: K answers as K rows over one encoded image."""
-
-    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
-        pil = load_image(image)
-        with self.images_of([(pil.height, pil.width)]):
-            inputs, geometry = super().prepare(pil, text)
-        inputs.pop("batch_num_images", None)  # one image per row (OneVision's processor says so)
-        return inputs, geometry
-
-    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
-                         **kwargs: Any) -> Any:
-        with self.images_of(inputs["image_sizes"]):
-            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
-
-    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
-                   names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
-        with self.images_of(inputs["image_sizes"]):
-            return super().run_engine(inputs, targets, layer, names, attention, **options)
 
 
 # ----------------------------------------------------------------------------- registration

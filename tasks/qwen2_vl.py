@@ -36,15 +36,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmgradcam.engine import preserved_state, resolve_layer
-from mmgradcam.engine.explanation import Explanation
+from mmgradcam.engine import resolve_layer
 from mmgradcam.engine.layouts import FunctionLayout
 
 from .captioning import CaptionTokens
-from .chat_vlm import ChatCaptioner, ChatVLM, ChatVQA, EncodedImageLM
+from .chat_vlm import ChatVLM, EncodedImageLM, LayoutPerImageCaptioner, LayoutPerImageVQA
 from .common import register_adapter
-from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
-from .hf import ProcessorGeometry, first_words, last_block_name
+from .geometry import AxisAligned, probe_geometry
+from .hf import ProcessorGeometry, last_block_name
 
 LAYER_REASON = ("the vision tower's last block: the patch merger reads its patch tokens (2x2 patches -> one "
                 "language-model token); its patch grid (one cell per 14 px) is the finest the model has")
@@ -157,14 +156,6 @@ class QwenVLFamily(ChatVLM):
         height, width = geometry.input_size
         return 1, height // self.patch, width // self.patch
 
-    @staticmethod
-    def group(grids: Sequence[Grid]) -> dict[Grid, list[int]]:
-        """The indices of ``grids`` grouped by grid (in order): one forward per group."""
-        groups: dict[Grid, list[int]] = {}
-        for i, grid in enumerate(grids):
-            groups.setdefault(grid, []).append(i)
-        return groups
-
     def split_patches(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> list[torch.Tensor]:
         """The packed patches of several images, one tensor per image."""
         counts = [t * h * w for t, h, w in grids]
@@ -203,6 +194,25 @@ class QwenVLFamily(ChatVLM):
         module = spec if isinstance(spec, nn.Module) else resolve_layer(self.vlm, spec)[1]
         embedding = self.vision_tower.get_input_embeddings()
         return any(module is m for m in embedding.modules())
+
+    # the images of a call, grouped by grid (``LayoutPerImage``)
+    def layout_key(self, geometry: AxisAligned) -> Grid:
+        return self.geometry_grid(geometry)
+
+    def images_at(self, geometries: Sequence[AxisAligned]) -> contextlib.AbstractContextManager:
+        return self.images_of(torch.tensor([self.geometry_grid(g) for g in geometries], dtype=torch.long))
+
+    def images_in(self, inputs: Mapping[str, torch.Tensor],
+                  layer: nn.Module | str | None = None) -> contextlib.AbstractContextManager:
+        return self.images_of(inputs["image_grid_thw"], layer)
+
+    def split_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[AxisAligned]) -> list[torch.Tensor]:
+        return self.split_patches(pixel_values, [self.geometry_grid(g) for g in geometries])
+
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The packed patches of the current images and their grids."""
+        grid_thw = torch.tensor([self._current_grid()] * self._images, dtype=torch.long, device=pixel_values.device)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
 
     # ------------------------------------------------------------------ the grid of a layer
     def vision_grid(self) -> tuple[int, int]:
@@ -281,8 +291,8 @@ class QwenVLFamily(ChatVLM):
 
 
 # ----------------------------------------------------------------------------- captioning
-class QwenCaptioner(QwenVLFamily, ChatCaptioner):
-    """Captioning as the assistant's reply; one forward per image grid."""
+class QwenCaptioner(QwenVLFamily, LayoutPerImageCaptioner):
+    """Captioning as the assistant's reply; one forward per image grid (``LayoutPerImage``)."""
 
     def tokenize(self, caption: str) -> GridTokens:
         tokens = super().tokenize(caption)
@@ -299,83 +309,6 @@ class QwenCaptioner(QwenVLFamily, ChatCaptioner):
             raise ValueError(f"{pixel_values.shape[0]} patches given for images of {patches} patches ({grids})")
         grid_thw = torch.tensor(grids, dtype=torch.long, device=self.device)
         return {"pixel_values": pixel_values, "image_grid_thw": grid_thw, **self.collate(tokens)}
-
-    def prepare(self, image: ImageLike, text: str) -> tuple[dict[str, torch.Tensor], AxisAligned]:
-        pil = load_image(image)
-        with self.images_of(self.image_grid(pil)):
-            return super().prepare(pil, text)
-
-    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
-                         **kwargs: Any) -> Any:
-        with self.images_of(inputs["image_grid_thw"]):
-            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
-
-    def explain_pixels(self, pixel_values: torch.Tensor, geometries: Sequence[Any], captions: Sequence[str],
-                       **options: Any) -> list[Any]:
-        """``Captioner.explain_pixels`` on the packed patches of several images (their grids read
-        from their geometries): one forward and one batched backward per image grid."""
-        grids = [self.geometry_grid(g) for g in geometries]
-        if len(captions) != len(grids):
-            raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(grids)} "
-                             f"geometries, {len(captions)} captions")
-        images = self.split_patches(pixel_values, grids)
-        results: list[Any] = [None] * len(grids)
-        for grid, index in self.group(grids).items():
-            with self.images_of(grid):
-                tokens = [self.tokenize(captions[i]) for i in index]
-                inputs = self.batch_inputs(torch.cat([images[i] for i in index]), tokens)
-                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
-            for i, result in zip(index, found):
-                results[i] = result
-        return results
-
-    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
-        if len(images) != len(captions):
-            raise ValueError(f"{len(captions)} captions given for {len(images)} images")
-        pils = [load_image(image) for image in images]
-        scores: list[list[float]] = [[] for _ in pils]
-        for grid, index in self.group([self.image_grid(pil) for pil in pils]).items():
-            with self.images_of(grid):
-                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
-            for i, score in zip(index, found):
-                scores[i] = score
-        return scores
-
-    def _explain_tokens(self, model_inputs: dict[str, torch.Tensor], tokens: Sequence[CaptionTokens],
-                        geometries: Sequence[Any], **options: Any) -> list[Any]:
-        with self.images_of(model_inputs["image_grid_thw"], options.get("layer")):
-            return super()._explain_tokens(model_inputs, tokens, geometries, **options)
-
-    def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
-                       max_words: int | None = None) -> list[str]:
-        prepared = [self.preprocess(image) for image in images]
-        return self.generate_from_pixels(torch.cat([inputs["pixel_values"] for inputs, _ in prepared]), beam_size,
-                                         max_words, geometries=[geometry for _, geometry in prepared])
-
-    def generate_from_pixels(self, pixel_values: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
-                             geometries: Sequence[Any] | None = None) -> list[str]:
-        """The replies to the prompt for the packed patches of several images, one generate per
-        image grid (read from the images' geometries)."""
-        if geometries is None:
-            raise ValueError(f"{type(self.vlm).__name__} packs the patches of all images into one sequence: "
-                             "generate_from_pixels needs each image's geometry (geometries=, from preprocess)")
-        grids = [self.geometry_grid(g) for g in geometries]
-        images = self.split_patches(pixel_values, grids)
-        captions = [""] * len(grids)
-        for grid, index in self.group(grids).items():
-            with self.images_of(grid):
-                prompt = self.prompt_ids(self.prompt)
-            ids = torch.tensor([prompt] * len(index), device=self.device)
-            with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
-                out = self.vlm.generate(pixel_values=self.to_device(torch.cat([images[i] for i in index])),
-                                        image_grid_thw=torch.tensor([grid] * len(index), device=self.device),
-                                        input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        max_new_tokens=self.max_new_tokens, num_beams=beam_size, do_sample=False,
-                                        use_cache=self.generation_cache, **self.sequence_inputs(ids, ids.shape[1]))
-            texts = self.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
-            for i, text in zip(index, texts):
-                captions[i] = first_words(text.strip(), max_words)
-        return captions
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -400,21 +333,11 @@ class QwenEncodedImageLM(EncodedImageLM):
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 
 
-class QwenVQA(QwenVLFamily, ChatVQA):
+class QwenVQA(QwenVLFamily, LayoutPerImageVQA):
     """Generative VQA: K answers as K rows over one encoded image."""
 
     def engine_model(self, model: nn.Module) -> nn.Module:
         return QwenEncodedImageLM(model, self.image_outputs, self.sequence_inputs)
-
-    def explain_prepared(self, inputs: dict[str, torch.Tensor], geometry: Any, text: str, *args: Any,
-                         **kwargs: Any) -> Any:
-        with self.images_of(inputs["image_grid_thw"]):
-            return super().explain_prepared(inputs, geometry, text, *args, **kwargs)
-
-    def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
-                   names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
-        with self.images_of(inputs["image_grid_thw"], layer):
-            return super().run_engine(inputs, targets, layer, names, attention, **options)
 
 
 # ----------------------------------------------------------------------------- registration
