@@ -120,6 +120,9 @@ class AnyResGeometry(ProcessorGeometry):
     def pixels(self, image: Any) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=image, return_tensors="pt")
         pixels = out["pixel_values"]
+        if pixels.shape[1] > self.max_tiles:
+            raise ValueError(f"the image processor made {pixels.shape[1]} tiles, more than the model's "
+                             f"image_grid_pinpoints allow ({self.max_tiles}): give both the same pinpoints")
         pixels = F.pad(pixels, (0, 0, 0, 0, 0, 0, 0, self.max_tiles - pixels.shape[1]))
         return {"pixel_values": pixels, "image_sizes": out["image_sizes"]}
 

@@ -180,8 +180,10 @@ def test_batched_equals_looped_and_sizes_in_one_call(caps, family):
     looped = cap.explain(WIDE, CAPTION, method="gradcam,hirescam", batched=False)
     for name in together.methods:
         torch.testing.assert_close(together.for_method(name).maps, looped.for_method(name).maps, rtol=1e-4, atol=1e-6)
-    # three layouts in one call: one forward each, the same maps as alone
-    images, captions = [WIDE, TALL, SQUARE, WIDE], [CAPTION, "a red circle", "two squares", "a blue star"]
+    # three layouts in one call (50x50 and 30x30 share one: 2x2 tiles, nothing cut): one forward
+    # each, the same maps as alone
+    images = [WIDE, TALL, SQUARE, WIDE, _image(30, 30, 3)]
+    captions = [CAPTION, "a red circle", "two squares", "a blue star", "a yellow star"]
     several = cap.explain_batch(images, captions)
     for image, caption, result in zip(images, captions, several):
         alone = cap.explain(image, caption)
