@@ -164,11 +164,13 @@ class QwenVLFamily(ChatVLM):
         return list(pixel_values.split(counts))
 
     @contextlib.contextmanager
-    def images_of(self, grid_thw: torch.Tensor | Grid, layer: nn.Module | str | None = None) -> Iterator[None]:
-        """For the duration: the images of one forward (``image_grid_thw`` (n, 3), or one image's
-        grid), all of one grid; the layout of ``layer`` (None: the preset) and the size of the
+    def images_of(self, grid_thw: torch.Tensor | Grid | list[Grid], layer: nn.Module | str | None = None
+                  ) -> Iterator[None]:
+        """For the duration: the images of one forward (``image_grid_thw`` (n, 3), a list of their
+        grids, or one image's grid), all of one grid; the layout of ``layer`` (None: the preset) and the size of the
         resized image the maps are upsampled to. Restored after, also on errors."""
-        rows = [tuple(grid_thw)] if isinstance(grid_thw, tuple) else grid_thw.tolist()
+        rows = [grid_thw] if isinstance(grid_thw, tuple) else (
+            grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw))
         grids = {tuple(int(v) for v in row) for row in rows}
         if len(grids) != 1:
             raise ValueError(f"one forward explains images of one patch grid, got {sorted(grids)}")
@@ -200,7 +202,7 @@ class QwenVLFamily(ChatVLM):
         return self.geometry_grid(geometry)
 
     def images_at(self, geometries: Sequence[AxisAligned]) -> contextlib.AbstractContextManager:
-        return self.images_of(torch.tensor([self.geometry_grid(g) for g in geometries], dtype=torch.long))
+        return self.images_of([self.geometry_grid(g) for g in geometries])
 
     def images_in(self, inputs: Mapping[str, torch.Tensor],
                   layer: nn.Module | str | None = None) -> contextlib.AbstractContextManager:
