@@ -179,6 +179,12 @@ class ChatVLM(HFAdapter):
             inside |= set(map(id, head.modules()))
         return id(module) in inside
 
+    @property
+    def sequence_module(self) -> nn.Module:
+        """The module whose forward's ``input_ids`` lay out the sequence the image tokens sit in
+        (default: the transformers model; an encoder-decoder's VQA wrapper reads the encoder's)."""
+        return self.vlm
+
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
         """The forward's precision, and the image tokens' positions recorded from ``input_ids``
@@ -188,7 +194,7 @@ class ChatVLM(HFAdapter):
             if isinstance(ids, torch.Tensor) and ids.dim() == 2:
                 self._image_rows = (ids == self.image_token_id).detach()
 
-        handle = self.vlm.register_forward_pre_hook(record, with_kwargs=True)
+        handle = self.sequence_module.register_forward_pre_hook(record, with_kwargs=True)
         try:
             with super().forward_context():
                 yield
@@ -235,13 +241,17 @@ class ChatVLM(HFAdapter):
         """One sequence of text and image tokens in the language model: every decoder block's
         self-attention is joint; the image columns are the image tokens' positions, text row r is
         sequence position r (the rows the word and answer targets are read at)."""
+        layers = attention_modules(self.language_model, {"self_attn": "joint"})
+        return AttentionGraph(layers, self.image_token_grid(), self.image_columns(inputs),
+                              context=partial(eager_attention, self.vlm), placement=self.image_token_placement())
+
+    def image_columns(self, inputs: Mapping[str, torch.Tensor]) -> slice:
+        """The image grid's positions in the sequence of ``inputs["input_ids"]`` (contiguous)."""
         positions = self.image_positions(inputs["input_ids"] == self.image_token_id)[0]
         start = int(positions[0])
         if not torch.equal(positions, torch.arange(start, start + len(positions), device=positions.device)):
             raise ValueError("the image tokens are not contiguous in the sequence")
-        layers = attention_modules(self.language_model, {"self_attn": "joint"})
-        return AttentionGraph(layers, self.image_token_grid(), slice(start, start + len(positions)),
-                              context=partial(eager_attention, self.vlm), placement=self.image_token_placement())
+        return slice(start, start + len(positions))
 
     # ------------------------------------------------------------------ the chat layout
     def set_prompt(self, prompt: str) -> None:
@@ -581,8 +591,9 @@ class ChatVQA(ChatVLM, VQAModel):
 
     def targets_for(self, inputs: dict[str, torch.Tensor], answers: Sequence[str],
                     score: str) -> tuple[dict[str, torch.Tensor], list[Any]]:
-        rows = [self._answer_ids(a) for a in answers]
-        prompt = int(inputs["input_ids"].shape[1])
+        prefix = self.reply_prefix()
+        rows = [prefix + self._answer_ids(a) for a in answers]
+        prompt = self.reply_offset(inputs)
         if prompt + max(len(r) for r in rows) > self.max_tokens:
             raise ValueError(f"question and answer exceed the model's {self.max_tokens} tokens")
         length = max(len(r) for r in rows)
@@ -592,14 +603,25 @@ class ChatVQA(ChatVLM, VQAModel):
             answer_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long, device=self.device)
             answer_mask[k, :len(r)] = 1
         base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
-        # answer token t sits at prompt + t; the logit before it predicts it
-        targets = [AnswerLogProb(k, [(prompt + t - 1, tok) for t, tok in enumerate(r)]) for k, r in enumerate(rows)]
+        # answer token t sits at prompt + t; the logit before it predicts it (the prefix is not scored)
+        targets = [AnswerLogProb(k, [(prompt + t - 1, r[t]) for t in range(len(prefix), len(r))])
+                   for k, r in enumerate(rows)]
         return {**base, "answer_ids": answer_ids, "answer_mask": answer_mask}, targets
 
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def reply_offset(self, inputs: Mapping[str, torch.Tensor]) -> int:
+        """Where the answer rows start in the sequence the logits (and ``generate``'s output) cover:
+        after the question turn (an encoder-decoder's decoder holds the answer alone: 0)."""
+        return int(inputs["input_ids"].shape[1])
+
+    def reply_prefix(self) -> list[int]:
+        """Ids in front of every answer in its row, read but not scored (an encoder-decoder's decoder
+        start tokens; none in a chat)."""
+        return []
 
     def run_engine(self, inputs: dict[str, torch.Tensor], targets: Sequence[Any], layer: nn.Module | str | None,
                    names: Sequence[str], attention: Mapping[str, Any], **options: Any) -> dict[str, Explanation]:
@@ -627,7 +649,7 @@ class ChatVQA(ChatVLM, VQAModel):
 
     def answer_readout(self, inputs: Mapping[str, torch.Tensor], targets: Sequence[Any]) -> torch.Tensor:
         """(T, K, L): each candidate's map is read in its own row at the positions that score its tokens."""
-        rows, length = inputs["answer_ids"].shape[0], inputs["input_ids"].shape[1] + inputs["answer_ids"].shape[1]
+        rows, length = inputs["answer_ids"].shape[0], self.reply_offset(inputs) + inputs["answer_ids"].shape[1]
         readout = torch.zeros(len(targets), rows, length, device=inputs["answer_ids"].device)
         for t, target in enumerate(targets):
             if isinstance(target, Difference) or not getattr(target, "positions", None):
@@ -650,7 +672,7 @@ class ChatVQA(ChatVLM, VQAModel):
         """Beam-searched replies, ranked by their teacher-forced probability."""
         base = self.to_device({k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")})
         beams = max(top_k, 1)
-        prompt = base["input_ids"].shape[1]
+        prompt = self.reply_offset(base)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
             ids = self.vlm.generate(**base, num_beams=beams, num_return_sequences=beams, do_sample=False,
                                     max_new_tokens=self.max_answer_tokens, use_cache=self.generation_cache)

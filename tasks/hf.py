@@ -191,6 +191,8 @@ class HFCaptioner(HFAdapter, Captioner):
     input_key = "input_ids"
     mask_key = "attention_mask"
     max_new_tokens = 30
+    # an encoder-decoder's decoder reads the caption after its start token (set per instance)
+    decoder_start_id: int | None = None
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name: str = "?"):
         super().__init__(model, tokenizer, image_processor, name)
@@ -205,8 +207,11 @@ class HFCaptioner(HFAdapter, Captioner):
         return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
     def prepare_ids(self, ids: list[int], offsets: list[tuple[int, int]], special: list[bool]):
-        """Family-specific edits of the tokenized caption (e.g. BLIP's decoder BOS)."""
-        return ids, offsets, special
+        """Family-specific edits of the tokenized caption (e.g. BLIP's decoder BOS); by default the
+        decoder's start token in front when the family has one (``decoder_start_id``)."""
+        if self.decoder_start_id is None:
+            return ids, offsets, special
+        return [self.decoder_start_id] + ids, [(0, 0)] + offsets, [True] + special
 
     def tokenize(self, caption: str) -> CaptionTokens:
         if not isinstance(caption, str) or not any(is_word(w) for w, _, _ in word_spans(caption)):
@@ -232,10 +237,16 @@ class HFCaptioner(HFAdapter, Captioner):
             inputs[self.mask_key] = batch[self.mask_key]
         return inputs
 
+    def generation_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What ``generate`` reads besides the options: the pixels (a family whose encoder also
+        reads a prompt adds it)."""
+        return {"pixel_values": pixel_values}
+
     def generate_ids(self, pixel_values: torch.Tensor, beam_size: int) -> torch.Tensor:
         with torch.no_grad(), self.forward_context():
-            return self.model.generate(pixel_values=self.to_device(pixel_values), max_new_tokens=self.max_new_tokens,
-                                       num_beams=beam_size, do_sample=False, use_cache=self.generation_cache)
+            return self.model.generate(**self.to_device(self.generation_inputs(pixel_values)),
+                                       max_new_tokens=self.max_new_tokens, num_beams=beam_size, do_sample=False,
+                                       use_cache=self.generation_cache)
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
                        max_words: int | None = None) -> list[str]:

@@ -29,7 +29,7 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
         super().__init__(model, tokenizer, image_processor, name)
         self.default_layer = last_block_name(model, model.encoder)
         start = model.config.decoder_start_token_id
-        self.start_id = int(start if start is not None else tokenizer.bos_token_id)
+        self.decoder_start_id = int(start if start is not None else tokenizer.bos_token_id)
         # Swin encoders end on a (B, h*w, C) token map with no CLS: the engine's layout infers it
         if getattr(model.config.encoder, "model_type", "") == "swin":
             self.layer_options = {"prefix_tokens": 0}
@@ -44,6 +44,3 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
     def _max_tokens(self) -> int:
         return int(getattr(self.model.config.decoder, "n_positions", None)
                    or getattr(self.model.config.decoder, "max_position_embeddings", 1024))
-
-    def prepare_ids(self, ids, offsets, special):
-        return [self.start_id] + ids, [(0, 0)] + offsets, [True] + special
