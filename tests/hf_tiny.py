@@ -445,6 +445,57 @@ def tiny_llava_next(onevision: bool = False, tile: int = 28, patch_size: int = 7
     words_only(model, tokenizer)
     return model, processor
 
+FLORENCE_TASKS = ["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>", "<OCR>"]
+
+
+def tiny_florence2(image_size: int = 64, seed: int = 0):
+    """A tiny Florence-2: a 2-stage DaViT (patch embeddings of stride 4 and 2: an 8x8 last stage at
+    64 px; 3 blocks in stage 0, 2 in the last, so the longest stage is not the last), the projector
+    (2-D position embeddings, a pooled token before the grid: 1 + 64 image tokens), a 2+2-layer BART,
+    a byte-level BPE tokenizer with BART's special tokens (``<s> text </s>``), ``<image>`` and
+    Florence-2's task tokens, and the real Florence2Processor with a CLIP image processor resizing
+    to a square without keeping the aspect ratio (as Florence-2's, at 768 px). Returns (model, processor)."""
+    import torch
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig)
+
+    torch.manual_seed(seed)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<image>",
+                                                                  *FLORENCE_TASKS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((CORPUS + ["What does the image describe?"]) * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", model_max_length=1024,
+                                        extra_special_tokens={"image_token": "<image>"},
+                                        additional_special_tokens=FLORENCE_TASKS)
+    vision = Florence2VisionConfig(depths=[3, 2], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                                   patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
+                                   num_groups=[2, 2], window_size=4, projection_dim=32, max_position_embeddings=16,
+                                   max_temporal_embeddings=4, drop_path_rate=0.0)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                      max_position_embeddings=160, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=2, forced_bos_token_id=0)
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    model = Florence2ForConditionalGeneration(config).eval()
+    model.generation_config.forced_bos_token_id = tokenizer.bos_token_id  # as Florence-2's: </s> <s> text </s>
+    words_only(model, tokenizer)
+    # <s> is forced after the decoder's start (a token suppressed throughout cannot be); elsewhere it is biased away
+    model.generation_config.suppress_tokens.remove(tokenizer.bos_token_id)
+    model.generation_config.sequence_bias = [[[tokenizer.bos_token_id], -100.0]]
+    model.generation_config.forced_eos_token_id = None  # suppressed: captions run to max_new_tokens
+    side = image_size // 8  # strides 4 and 2
+    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                         crop_size={"height": image_size, "width": image_size},
+                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    image_processor.image_seq_length = 1 + side * side
+    return model, Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
 
 def save_tiny(directory, built) -> "object":
     """Save a tiny (model, processor) pair with ``save_pretrained`` into ``directory`` (loaded by
