@@ -38,6 +38,11 @@ A family without a chat template sets ``uses_chat_template = False`` and lays th
 
 A family whose image-token count depends on the image size (Qwen2-VL, Idefics3 with splitting) also
 overrides ``prompt_ids``: the base lays out a captioning prompt once, with a probe image.
+
+An encoder-decoder whose encoder holds the image tokens and the prompt (Florence-2) reads its
+image-token positions from ``sequence_module``'s ``input_ids`` (its VQA wrapper's: the encoder's
+sequence), and its answers from the decoder: ``reply_offset`` 0 (the decoder's rows hold the answer
+alone) and ``reply_prefix`` (the decoder's start tokens in front of every answer, not scored).
 """
 from __future__ import annotations
 

@@ -228,8 +228,12 @@ def test_prompts_and_generation(saved, cap):
     assert cap.generate(IMAGE, max_words=2) == " ".join(caption.split()[:2])
 
 
-def test_a_processor_laying_out_another_image_token_count_is_refused():
-    model, processor = tiny_florence2()
+def test_a_frozen_model_object_and_a_processor_of_another_image_token_count(cap):
+    model, processor = tiny_florence2()  # the same seed: the weights saved for ``cap``
+    model.requires_grad_(False)  # frozen for inference: the explained layer still gets its gradient
+    frozen = captioning.load(model, processor).explain(IMAGE, CAPTION)
+    torch.testing.assert_close(frozen.maps, cap.explain(IMAGE, CAPTION).maps)
+    assert not any(p.requires_grad for p in model.parameters())
     processor.num_image_tokens = 17
     with pytest.raises(ValueError, match="lays out 17 image tokens; the model makes 1 \\+ 8x8 = 65"):
         captioning.load(model, processor)
