@@ -228,12 +228,15 @@ def test_prompts_and_generation(saved, cap):
     assert cap.generate(IMAGE, max_words=2) == " ".join(caption.split()[:2])
 
 
-def test_a_frozen_model_object_and_a_processor_of_another_image_token_count(cap):
+def test_a_frozen_model_object_in_bf16_and_a_processor_of_another_image_token_count(cap):
     model, processor = tiny_florence2()  # the same seed: the weights saved for ``cap``
     model.requires_grad_(False)  # frozen for inference: the explained layer still gets its gradient
     frozen = captioning.load(model, processor).explain(IMAGE, CAPTION)
     torch.testing.assert_close(frozen.maps, cap.explain(IMAGE, CAPTION).maps)
     assert not any(p.requires_grad for p in model.parameters())
+    half = captioning.load(model, processor, dtype="bfloat16").explain(IMAGE, CAPTION)  # autocast forwards
+    for j in range(len(WORDS)):
+        assert np.corrcoef(half.maps[j].flatten().numpy(), frozen.maps[j].flatten().numpy())[0, 1] > 0.95
     processor.num_image_tokens = 17
     with pytest.raises(ValueError, match="lays out 17 image tokens; the model makes 1 \\+ 8x8 = 65"):
         captioning.load(model, processor)
