@@ -598,8 +598,8 @@ class ChatVQA(ChatVLM, VQAModel):
                     score: str) -> tuple[dict[str, torch.Tensor], list[Any]]:
         prefix = self.reply_prefix()
         rows = [prefix + self._answer_ids(a) for a in answers]
-        prompt = self.reply_offset(inputs)
-        if prompt + max(len(r) for r in rows) > self.max_tokens:
+        offset = self.reply_offset(inputs)
+        if offset + max(len(r) for r in rows) > self.max_tokens:
             raise ValueError(f"question and answer exceed the model's {self.max_tokens} tokens")
         length = max(len(r) for r in rows)
         answer_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long, device=self.device)
@@ -608,8 +608,8 @@ class ChatVQA(ChatVLM, VQAModel):
             answer_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long, device=self.device)
             answer_mask[k, :len(r)] = 1
         base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
-        # answer token t sits at prompt + t; the logit before it predicts it (the prefix is not scored)
-        targets = [AnswerLogProb(k, [(prompt + t - 1, r[t]) for t in range(len(prefix), len(r))])
+        # answer token t sits at offset + t; the logit before it predicts it (the prefix is not scored)
+        targets = [AnswerLogProb(k, [(offset + t - 1, r[t]) for t in range(len(prefix), len(r))])
                    for k, r in enumerate(rows)]
         return {**base, "answer_ids": answer_ids, "answer_mask": answer_mask}, targets
 
@@ -677,13 +677,13 @@ class ChatVQA(ChatVLM, VQAModel):
         """Beam-searched replies, ranked by their teacher-forced probability."""
         base = self.to_device({k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")})
         beams = max(top_k, 1)
-        prompt = self.reply_offset(base)
+        offset = self.reply_offset(base)
         with torch.no_grad(), preserved_state(self.vlm), self.forward_context():
             ids = self.vlm.generate(**base, num_beams=beams, num_return_sequences=beams, do_sample=False,
                                     max_new_tokens=self.max_answer_tokens, use_cache=self.generation_cache)
         specials = set(self.tokenizer.all_special_ids)
         candidates = []
-        for row in ids[:, prompt:].tolist():
+        for row in ids[:, offset:].tolist():
             content = [i for i in row if i not in specials]
             text = self.tokenizer.decode(content).strip()
             if text and any(c.isalnum() for c in text):
