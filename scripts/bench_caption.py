@@ -4,16 +4,26 @@
     python scripts/bench_caption.py --skip-blip     # only the default captioner
     python scripts/bench_caption.py --skip-blip --method relevance   # or attention-gradcam, or a CAM method
     python scripts/bench_caption.py --device cuda --dtype bfloat16    # on a GPU (the card is printed)
+    python scripts/bench_caption.py --family llava  # mid-sized random LLaVA at 336 px, with peak memory
+    python scripts/bench_caption.py --family llava --size 7b --device cuda --dtype bfloat16   # 7B-sized, on a GPU
 
 "One word" is a single target (one forward, one backward). "All words, batched" is our path:
-one forward and one batched backward for every word. "Per-word loop" is what tools without
-batching do: a full forward and backward per word. The maps of the two all-word paths are
-checked equal (1e-5).
+one forward and one batched backward for every word ("in chunks of K": at most K targets per
+backward, the memory bound). "Per-word loop" is what tools without batching do: a full forward and
+backward per word. The maps of the all-word paths are checked equal (1e-5).
+
+Peak memory (``--memory``, on by default for LLaVA) is measured for each path in a fresh process:
+on CUDA ``torch.cuda.max_memory_allocated``, on the CPU the resident set's high-water mark (VmHWM
+after resetting it through /proc/self/clear_refs), both above what the loaded model and its inputs
+already hold.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -26,7 +36,13 @@ from mmgradcam.engine.device import resolve_device
 from mmgradcam.engine.registry import is_attention_method
 from mmgradcam.tasks.captioning import word_readout, word_targets
 
-CAPTION = "a man in a red shirt rides a bike down the street"  # 11 words
+CAPTION = "a man in a red shirt rides a bike down the street"  # 12 words
+LLAVA_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}{% for content in message['content'] %}"
+                  "{% if content['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ content['text'] + ' ' }}{% endif %}"
+                  "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# (vision: CLIP layers, width, heads, MLP; language model: layers, width, heads, MLP; vocabulary)
+LLAVA_SIZES = {"mid": ((12, 768, 12, 3072), (12, 768, 12, 2048), 32000),  # CLIP-B/14 at 336 px, a 12-layer LM
+               "7b": ((24, 1024, 16, 4096), (32, 4096, 32, 11008), 32000)}  # LLaVA-1.5-7B's shapes
 
 
 def blip_base_captioner(device: torch.device | str = "cpu", dtype: str | None = None):
@@ -51,6 +67,41 @@ def blip_base_captioner(device: torch.device | str = "cpu", dtype: str | None = 
     return captioning.load(model, tokenizer=tokenizer, image_processor=BlipImageProcessor(), device=device, dtype=dtype)
 
 
+def llava_captioner(size: str = "mid", device: torch.device | str = "cpu", dtype: str | None = None):
+    """A random-weight LlavaForConditionalGeneration at 336 px (CLIP tower, patch 14: 576 image
+    tokens; Llama decoder) with LLaVA-1.5's chat template and an in-memory BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    (v_layers, v_dim, v_heads, v_mlp), (t_layers, t_dim, t_heads, t_mlp), vocab = LLAVA_SIZES[size]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CAPTION, "USER: Describe the image. ASSISTANT:"] * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                        additional_special_tokens=["<image>"], model_max_length=4096,
+                                        chat_template=LLAVA_TEMPLATE)
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=v_dim, intermediate_size=v_mlp, num_hidden_layers=v_layers,
+                              num_attention_heads=v_heads, image_size=336, patch_size=14)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=t_dim, intermediate_size=t_mlp, num_hidden_layers=t_layers,
+                       num_attention_heads=t_heads, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    resolved = resolve_device(device)
+    with torch.device(resolved):  # a 7B-sized model is built on the GPU directly
+        model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE)
+    return captioning.load(model, processor, device=resolved, dtype=dtype)
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # GPU work is asynchronous: time it to the end
@@ -67,66 +118,136 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
-def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, method: str = "gradcam") -> None:
+def word_paths(captioner, image: Image.Image, caption: str, method: str = "gradcam",
+               chunk: int = 4) -> tuple[dict, int, str]:
+    """The ways to get the caption's word maps, each a function -> (T', h, w) layer maps:
+    one word, all words batched, in chunks of ``chunk`` per backward, and the per-word loop."""
     tokens = captioner.tokenize(caption)
     inputs, _ = captioner.preprocess(image)
     model_inputs = captioner.to_device(captioner.batch_inputs(inputs["pixel_values"], [tokens]))
     per_word, _ = word_targets(tokens, captioner.text_logits_from_end, device=captioner.device)
     layer, options = captioner.resolve_layer(None), dict(captioner.layer_options)
     rows = model_inputs[getattr(captioner, "input_key", "input_ids")].shape[1]
+    model_inputs.update(captioner.logit_window([tokens]))  # as the captioner's explain runs it
     if is_attention_method(method):  # the attention methods read the model's attention, not a layer
-        options["attention"] = captioner.attention_graph(model_inputs)
+        with captioner.forward_context():
+            options["attention"] = captioner.attention_graph(model_inputs)
 
-    def run(targets):
+    def run(targets, per_backward=None):
         extra = {"readout": word_readout(targets, rows)} if "attention" in options else {}
-        return mg.explain(captioner.model, model_inputs, targets, layer, method, dtype=captioner.dtype,
-                          **options, **extra).layer_maps
+        with captioner.forward_context():
+            return mg.explain(captioner.model, model_inputs, targets, layer, method, dtype=captioner.dtype,
+                              max_targets_per_backward=per_backward, **options, **extra).layer_maps
 
-    def one_word():
-        return run(per_word[:1])
+    paths = {"one word's map": lambda: run(per_word[:1]),
+             "all words, batched": lambda: run(per_word),
+             f"all words, chunks of {chunk}": lambda: run(per_word, chunk),
+             "all words, per-word loop": lambda: torch.cat([run([t]) for t in per_word])}
+    where = "the attention layers" if "attention" in options else f"layer {captioner.default_layer}"
+    return paths, len(per_word), where
 
-    def batched():
-        return run(per_word)
 
-    def loop():
-        return torch.cat([run([t]) for t in per_word])
+def peak_memory_mib(build: str, path: str, args: argparse.Namespace) -> float | None:
+    """``path``'s peak memory in a fresh process (see the module docstring), or None if it failed."""
+    command = [sys.executable, __file__, "--family", build, "--size", args.size, "--method", args.method,
+               "--device", args.device, "--dtype", args.dtype, "--chunk", str(args.chunk), "--child", path]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        print(f"  (peak memory of {path!r} not measured: {result.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(lines[-1])["peak_mib"]
 
+
+def measure_peak(fn, device: torch.device) -> float:
+    """MiB above what is held before ``fn`` runs, at its peak."""
+    from bench_memory import MiB, _reset_cpu_peak, _status_kib
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MiB
+    before = (_status_kib("VmRSS") or 0) * 1024
+    if not _reset_cpu_peak():
+        raise OSError("/proc/self/clear_refs cannot be written here: no CPU peak to measure")
+    fn()
+    return ((_status_kib("VmHWM") or 0) * 1024 - before) / MiB
+
+
+def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, method: str = "gradcam",
+          chunk: int = 4, memory: dict | None = None) -> None:
+    paths, words, where = word_paths(captioner, image, caption, method, chunk)
+    one_word, batched, chunked, loop = paths.values()
     one_word()  # warm-up
     t_one, _ = timed(one_word, repeats)
     t_batched, maps_batched = timed(batched, repeats)
+    t_chunked, maps_chunked = timed(chunked, repeats)
     t_loop, maps_loop = timed(loop, repeats)
-    difference = float((maps_batched - maps_loop).abs().max() / max(float(maps_loop.abs().max()), 1e-12))
-    where = "the attention layers" if "attention" in options else f"layer {captioner.default_layer}"
-    print(f"\n{name}: {method}, {len(per_word)} words, {where}, median of {repeats}")
-    print(f"  one word's map         {t_one:8.2f} s")
-    print(f"  all words, batched     {t_batched:8.2f} s   ({t_batched / t_one:.2f}x one word)")
-    print(f"  all words, per-word loop {t_loop:6.2f} s   (batched is {t_loop / t_batched:.1f}x faster)")
-    print(f"  max relative map difference batched vs loop: {difference:.1e}")
+    scale = max(float(maps_loop.abs().max()), 1e-12)
+    difference = max(float((maps_batched - maps_loop).abs().max()), float((maps_chunked - maps_loop).abs().max()))
+    print(f"\n{name}: {method}, {words} words, {where}, median of {repeats}")
+    rows = [(t_one, ""), (t_batched, f"({t_batched / t_one:.2f}x one word; {t_loop / t_batched:.1f}x faster than the loop)"),
+            (t_chunked, f"({t_chunked / t_one:.2f}x one word)"), (t_loop, f"({t_loop / t_one:.2f}x one word)")]
+    for (label, _), (seconds, note) in zip(paths.items(), rows):
+        peak = "" if memory is None or memory.get(label) is None else f"  peak {memory[label]:7.0f} MiB"
+        print(f"  {label:28s} {seconds:8.2f} s{peak}   {note}")
+    print(f"  max relative map difference batched / chunked vs loop: {difference / scale:.1e}")
+
+
+def build(family: str, args: argparse.Namespace, device: torch.device):
+    """(title, captioner, image, caption) of one benchmarked family."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8"))
+    if family == "blip":
+        return ("BLIP-base-sized random BlipForConditionalGeneration (384 px)", blip_base_captioner(device, args.dtype),
+                photo, CAPTION)
+    if family == "llava":
+        shapes = LLAVA_SIZES[args.size]
+        title = (f"{args.size}-sized random LlavaForConditionalGeneration (336 px, 576 image tokens; CLIP "
+                 f"{shapes[0][0]}x{shapes[0][1]}, LM {shapes[1][0]}x{shapes[1][1]})")
+        return title, llava_captioner(args.size, device, args.dtype), photo, CAPTION
+    from mmgradcam.data.shapes import make_image
+
+    default = captioning.load("default", device=device, dtype=args.dtype)
+    pixels, _, _ = make_image(3, seed=11)
+    shapes_image = Image.fromarray(pixels)
+    return "default captioner (128 px)", default, shapes_image, default.generate(shapes_image)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-blip", action="store_true")
+    parser.add_argument("--family", nargs="+", default=None, choices=["blip", "default", "llava"],
+                        help="which models (default: blip and default)")
+    parser.add_argument("--skip-blip", action="store_true", help="only the default captioner")
+    parser.add_argument("--size", default="mid", choices=sorted(LLAVA_SIZES), help="LLaVA's size (--family llava)")
     parser.add_argument("--method", default="gradcam", help="one method: a CAM method, attention-gradcam or relevance")
+    parser.add_argument("--chunk", type=int, default=4, help="targets per backward on the chunked path")
+    parser.add_argument("--memory", choices=["on", "off", "auto"], default="auto",
+                        help="peak memory per path, each in a fresh process (auto: for LLaVA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one path's peak memory, in this process
     args = parser.parse_args()
     device = resolve_device(args.device)
+    families = args.family or (["default"] if args.skip_blip else ["blip", "default"])
+    if args.child:
+        _, captioner, image, caption = build(families[0], args, device)
+        paths, _, _ = word_paths(captioner, image, caption, args.method, args.chunk)
+        print(json.dumps({"peak_mib": measure_peak(paths[args.child], device)}))
+        return
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({card}), dtype {args.dtype}")
-    rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8"))
-    print(f"{torch.get_num_threads()} threads")
-    if not args.skip_blip:
-        bench("BLIP-base-sized random BlipForConditionalGeneration (384 px)", blip_base_captioner(device, args.dtype), image, CAPTION,
-              args.repeats, args.method)
-    default = captioning.load("default", device=device, dtype=args.dtype)
-    from mmgradcam.data.shapes import make_image
-
-    pixels, _, _ = make_image(3, seed=11)
-    caption = default.generate(Image.fromarray(pixels))
-    bench("default captioner (128 px)", default, Image.fromarray(pixels), caption, args.repeats, args.method)
+    print(f"device {device} ({card}), dtype {args.dtype}, {torch.get_num_threads()} threads")
+    for family in families:
+        title, captioner, image, caption = build(family, args, device)
+        memory = None
+        if args.memory == "on" or (args.memory == "auto" and family == "llava"):
+            labels = word_paths(captioner, image, caption, args.method, args.chunk)[0]
+            memory = {label: peak_memory_mib(family, label, args) for label in labels}
+        bench(title, captioner, image, caption, args.repeats, args.method, args.chunk, memory)
 
 
 if __name__ == "__main__":

@@ -48,19 +48,26 @@ def join_caption(tokens: CaptionTokens) -> str:
 class LogSoftmaxCache:
     """One log-softmax of the logits shared by all word targets of a forward pass.
 
-    ``text_length``: keep only the last ``text_length`` logit positions (models such as GIT put
-    image positions before the text in their logits)."""
+    ``sequence_length``: the logits end at the text sequence's last position, which has this many
+    positions (models such as GIT put image positions before the text in their logits; a model asked
+    for its last k logits only, ``logits_to_keep``, holds fewer): sequence position p is logit
+    p - sequence_length + (the logits' length). None: logit p is position p."""
 
-    def __init__(self, text_length: int | None = None) -> None:
-        self.text_length = text_length
+    def __init__(self, sequence_length: int | None = None) -> None:
+        self.sequence_length = sequence_length
         self._logits: torch.Tensor | None = None
-        self._value: torch.Tensor | None = None
+        self._value: tuple[torch.Tensor, int] | None = None
 
-    def __call__(self, output: Any) -> torch.Tensor:
+    def __call__(self, output: Any) -> tuple[torch.Tensor, int]:
+        """(log-probabilities over the text positions the logits hold, the offset that turns a
+        sequence position into an index of them)."""
         logits = logits_of(output)
         if logits is not self._logits:
-            text = logits if self.text_length is None else logits[:, -self.text_length:]
-            self._logits, self._value = logits, torch.log_softmax(text.float(), dim=-1)
+            kept, offset = logits, 0
+            if self.sequence_length is not None:
+                kept = logits[:, -self.sequence_length:]
+                offset = kept.shape[1] - self.sequence_length
+            self._logits, self._value = logits, (torch.log_softmax(kept.float(), dim=-1), offset)
         return self._value
 
 
@@ -80,10 +87,13 @@ class TokensLogProb:
         self.log_softmax = log_softmax or LogSoftmaxCache()
 
     def __call__(self, output: Any) -> torch.Tensor:
-        logprobs = self.log_softmax(output)
+        logprobs, offset = self.log_softmax(output)
         if logprobs.shape[0] != self.batch:
             raise ValueError(f"target built for {self.batch} samples got a batch of {logprobs.shape[0]}")
-        picked = logprobs[self.owner, self.pos, self.tok]
+        if offset and int(self.pos.min()) + offset < 0:
+            raise ValueError(f"the logits hold the last {logprobs.shape[1]} positions; a word is scored at "
+                             f"position {int(self.pos.min())}, before them")
+        picked = logprobs[self.owner, self.pos + offset, self.tok]
         return torch.zeros(self.batch, dtype=logprobs.dtype, device=logprobs.device).index_add(
             0, self.owner.to(logprobs.device), picked)
 
@@ -206,10 +216,18 @@ class Captioner(Adapter):
     """
 
     pad_id: int = 0
-    text_logits_from_end: bool = False  # logits hold non-text positions first (GIT)
+    # the logits end at the sequence's last position: they hold image positions first (GIT) or only
+    # the caption's last positions (``logit_window``)
+    text_logits_from_end: bool = False
     # the image tokens sit in the text decoder's sequence, so the LM head can be read at them
     # (readout methods such as TAM); a family that sets it implements ``image_token_logits``
     image_tokens_in_text: bool = False
+
+    def logit_window(self, tokens: Sequence[CaptionTokens]) -> dict[str, Any]:
+        """Inputs that make the forward compute only the logits the word targets read (none by
+        default; a chat VLM keeps the reply's: its LM head's logits and their gradients at the
+        hundreds of image and prompt positions are the largest single cost otherwise)."""
+        return {}
 
     def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, h*w, V): the LM head's logits at the image tokens of the grid (prefix tokens such as
@@ -317,7 +335,7 @@ class Captioner(Adapter):
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
             per_word, _ = word_targets(tokens, self.text_logits_from_end)
             with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
-                output = self.model(**self.to_device(self.batch_inputs(pixels, tokens)))
+                output = self.model(**self.to_device(self.batch_inputs(pixels, tokens)), **self.logit_window(tokens))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)
             scores += [values[b, :len(t.words)].tolist() for b, t in enumerate(tokens)]
         return scores
@@ -421,7 +439,8 @@ class Captioner(Adapter):
                              "readout": word_readout(per_word + [whole],
                                                      model_inputs[getattr(self, "input_key", "input_ids")].shape[1])}
             with self.forward_context():
-                exps.update(mg.explain(self.model, model_inputs, per_word + [whole], layer, engine_names,
+                exps.update(mg.explain(self.model, {**model_inputs, **self.logit_window(tokens)}, per_word + [whole],
+                                       layer, engine_names,
                                        counterfactual=counterfactual, batched=batched, image_key="pixel_values",
                                        max_targets_per_backward=max_targets_per_backward,
                                        **self.layer_options, **attention))

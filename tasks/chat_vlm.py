@@ -47,6 +47,7 @@ alone) and ``reply_prefix`` (the decoder's start tokens in front of every answer
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -343,6 +344,21 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
     """Captioning as the assistant's reply to the image and ``prompt``."""
 
     image_tokens_in_text = True  # TAM reads the LM head at the image tokens of the sequence
+    text_logits_from_end = True  # with ``logit_window``, the logits hold the sequence's last positions only
+
+    def logit_window(self, tokens: Sequence[CaptionTokens]) -> dict[str, Any]:
+        """``logits_to_keep``: the logits from the first one that scores a word to the sequence's end
+        (the LM head then runs, and is differentiated, at the reply's positions only)."""
+        if not self.keeps_logits:
+            return {}
+        length = max(t.input_ids.shape[1] for t in tokens)
+        first = min(p for t in tokens for word in t.word_positions for p, _ in word)
+        return {"logits_to_keep": length - first}
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the model's forward takes ``logits_to_keep`` (transformers' decoder-only VLMs do)."""
+        return "logits_to_keep" in inspect.signature(self.vlm.forward).parameters
 
     def tokenize(self, caption: str) -> CaptionTokens:
         if not isinstance(caption, str) or not any(is_word(w) for w, _, _ in word_spans(caption)):
@@ -515,8 +531,16 @@ class EncodedImageLM(nn.Module):
             features = pooled.expand(count, *pooled.shape[1:])
         else:  # (tokens, dim), scattered in sequence order
             features = pooled.repeat(count, *([1] * (pooled.dim() - 1)))
-        return self.vlm(input_ids=ids, attention_mask=mask, **extra,
+        return self.vlm(input_ids=ids, attention_mask=mask, **extra, **self.reply_window(answer_ids),
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
+
+    def reply_window(self, answer_ids: torch.Tensor | None) -> dict[str, int]:
+        """``logits_to_keep``: the logits from the question's last position (it predicts an answer's
+        first token) to the end, where the model takes it: the LM head runs, and is differentiated,
+        at the answers only (``AnswerLogProb`` reads logits aligned at the sequence's end)."""
+        if answer_ids is None or "logits_to_keep" not in inspect.signature(self.vlm.forward).parameters:
+            return {}
+        return {"logits_to_keep": answer_ids.shape[1] + 1}
 
 
 class AnswerLogProb:
@@ -524,12 +548,15 @@ class AnswerLogProb:
     in its own row and 0 in the others (a layer that runs on the K rows gets gradient only in its
     row; ``SummedRows`` makes it (1,) for a layer that runs on the one image)."""
 
-    def __init__(self, row: int, positions: list[tuple[int, int]]):
-        self.row, self.positions = row, positions
+    def __init__(self, row: int, positions: list[tuple[int, int]], sequence_length: int):
+        # (sequence position, token id); the logits end at the sequence's last position (all of
+        # them, or fewer: ``EncodedImageLM.reply_window``)
+        self.row, self.positions, self.sequence_length = row, positions, sequence_length
 
     def __call__(self, logits: Any) -> torch.Tensor:
         logits = logits_of(logits)
-        pos = torch.tensor([p for p, _ in self.positions], dtype=torch.long, device=logits.device)
+        offset = logits.shape[1] - self.sequence_length
+        pos = torch.tensor([p + offset for p, _ in self.positions], dtype=torch.long, device=logits.device)
         tok = torch.tensor([t for _, t in self.positions], dtype=torch.long, device=logits.device)
         value = torch.log_softmax(logits[self.row, pos].float(), dim=-1).gather(1, tok[:, None]).sum()
         return torch.zeros(logits.shape[0], dtype=value.dtype, device=logits.device).index_put(
@@ -609,7 +636,7 @@ class ChatVQA(ChatVLM, VQAModel):
             answer_mask[k, :len(r)] = 1
         base = {k: v for k, v in inputs.items() if k not in ("answer_ids", "answer_mask")}
         # answer token t sits at offset + t; the logit before it predicts it (the prefix is not scored)
-        targets = [AnswerLogProb(k, [(offset + t - 1, r[t]) for t in range(len(prefix), len(r))])
+        targets = [AnswerLogProb(k, [(offset + t - 1, r[t]) for t in range(len(prefix), len(r))], offset + length)
                    for k, r in enumerate(rows)]
         return {**base, "answer_ids": answer_ids, "answer_mask": answer_mask}, targets
 

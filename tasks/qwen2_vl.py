@@ -331,7 +331,7 @@ class QwenEncodedImageLM(EncodedImageLM):
             ids = torch.cat([input_ids.expand(count, -1), answer_ids], dim=1)
             mask = torch.cat([attention_mask.expand(count, -1), answer_mask], dim=1)
         return self.vlm(input_ids=ids, attention_mask=mask, image_grid_thw=image_grid_thw.repeat(count, 1),
-                        **self.sequence_inputs(ids, input_ids.shape[1]),
+                        **self.sequence_inputs(ids, input_ids.shape[1]), **self.reply_window(answer_ids),
                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 
 

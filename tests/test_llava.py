@@ -240,6 +240,29 @@ def test_vqa_methods_and_layers_batched_equal_looped(answerer, layer):
         answerer.explain(IMAGE, QUESTION, answer="red", method="tam")
 
 
+def test_vqa_lm_head_runs_at_the_answers_only_with_the_same_maps(answerer, monkeypatch):
+    """K answer rows: the LM head computes the logits from the question's last position on (the
+    longest answer + 1 rows), and maps and scores equal those from the whole sequence's logits."""
+    from mmgradcam.tasks.chat_vlm import EncodedImageLM
+
+    answers = ["red", "a blue square"]
+    longest = max(len(answerer._answer_ids(a)) for a in answers)
+    rows = []
+    head = answerer.vlm.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: rows.append(tuple(output.shape[:2])))
+    try:
+        kept = answerer.explain(IMAGE, QUESTION, answer=answers, method="gradcam,relevance")
+    finally:
+        handle.remove()
+    # the two answers' rows (generation's own forwards, with their own row counts, aside)
+    assert {r for r in rows if r[0] == 2} == {(2, longest + 1)}
+    monkeypatch.setattr(EncodedImageLM, "reply_window", lambda self, answer_ids: {})
+    whole = answerer.explain(IMAGE, QUESTION, answer=answers, method="gradcam,relevance")
+    assert kept.scores == pytest.approx(whole.scores, rel=1e-5)
+    for name in ("gradcam", "relevance"):
+        torch.testing.assert_close(kept.for_method(name).maps, whole.for_method(name).maps, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_caption_with_a_prompt(saved, tmp_path):
     IMAGE.save(tmp_path / "img.png")
@@ -270,3 +293,23 @@ def test_eval_with_a_prompt(saved, tmp_path):
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["config"]["prompt"] == "Describe the shapes."
     assert json.loads((tmp_path / "ev" / "run.json").read_text())["prompt"] == "Describe the shapes."
+
+
+def test_the_lm_head_runs_at_the_reply_only_with_the_same_maps(cap, monkeypatch):
+    """``logits_to_keep``: the LM head computes the logits from the first word's to the end only,
+    and the maps and word scores equal those from the whole sequence's logits."""
+    tokens = cap.tokenize(CAPTION)
+    first = min(p for word in tokens.word_positions for p, _ in word)
+    rows = []
+    head = cap.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: rows.append(output.shape[1]))
+    try:
+        kept = cap.explain(IMAGE, CAPTION, method="gradcam,attention-gradcam")
+    finally:
+        handle.remove()
+    assert rows and set(rows) == {tokens.input_ids.shape[1] - first}
+    monkeypatch.setattr(type(cap), "keeps_logits", property(lambda self: False))
+    whole = cap.explain(IMAGE, CAPTION, method="gradcam,attention-gradcam")
+    for name in ("gradcam", "attention-gradcam"):
+        torch.testing.assert_close(kept.for_method(name).maps, whole.for_method(name).maps, rtol=1e-4, atol=1e-6)
+    assert kept.word_logprobs == pytest.approx(whole.word_logprobs, rel=1e-5)
