@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -151,7 +152,10 @@ def peak_memory_mib(build: str, path: str, args: argparse.Namespace) -> float | 
     """``path``'s peak memory in a fresh process (see the module docstring), or None if it failed."""
     command = [sys.executable, __file__, "--family", build, "--size", args.size, "--method", args.method,
                "--device", args.device, "--dtype", args.dtype, "--chunk", str(args.chunk), "--child", path]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # large blocks straight from mmap and back on free: the resident set then follows the live tensors
+    # (glibc's heap keeps freed memory otherwise, and its fragmentation would count as this path's peak)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         print(f"  (peak memory of {path!r} not measured: {result.stderr.strip().splitlines()[-1:]})")
@@ -226,8 +230,8 @@ def main() -> None:
     parser.add_argument("--size", default="mid", choices=sorted(LLAVA_SIZES), help="LLaVA's size (--family llava)")
     parser.add_argument("--method", default="gradcam", help="one method: a CAM method, attention-gradcam or relevance")
     parser.add_argument("--chunk", type=int, default=4, help="targets per backward on the chunked path")
-    parser.add_argument("--memory", choices=["on", "off", "auto"], default="auto",
-                        help="peak memory per path, each in a fresh process (auto: for LLaVA)")
+    parser.add_argument("--memory", choices=["on", "off", "auto", "only"], default="auto",
+                        help="peak memory per path, each in a fresh process (auto: for LLaVA; only: no timings)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one path's peak memory, in this process
@@ -244,9 +248,14 @@ def main() -> None:
     for family in families:
         title, captioner, image, caption = build(family, args, device)
         memory = None
-        if args.memory == "on" or (args.memory == "auto" and family == "llava"):
+        if args.memory in ("on", "only") or (args.memory == "auto" and family == "llava"):
             labels = word_paths(captioner, image, caption, args.method, args.chunk)[0]
             memory = {label: peak_memory_mib(family, label, args) for label in labels}
+        if args.memory == "only":
+            print(f"\n{title}: {args.method}, peak memory per path (MiB above the loaded model and inputs)")
+            for label, peak in memory.items():
+                print(f"  {label:28s} {peak:8.0f} MiB" if peak is not None else f"  {label:28s} not measured")
+            continue
         bench(title, captioner, image, caption, args.repeats, args.method, args.chunk, memory)
 
 

@@ -7,6 +7,7 @@ its tokens' log-probabilities). Maps come back at the original image size.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,24 +52,35 @@ class LogSoftmaxCache:
     ``sequence_length``: the logits end at the text sequence's last position, which has this many
     positions (models such as GIT put image positions before the text in their logits; a model asked
     for its last k logits only, ``logits_to_keep``, holds fewer): sequence position p is logit
-    p - sequence_length + (the logits' length). None: logit p is position p."""
+    p - sequence_length + (the logits' length). None: logit p is position p.
+
+    The cached log-probabilities hold the forward's autograd graph: they are dropped as soon as
+    the logits they came from are (the caller's forward is done), so targets used again in a later
+    call do not keep the earlier call's graph and activations alive."""
 
     def __init__(self, sequence_length: int | None = None) -> None:
         self.sequence_length = sequence_length
-        self._logits: torch.Tensor | None = None
+        self._logits: weakref.ref | None = None
         self._value: tuple[torch.Tensor, int] | None = None
+        self._forward = 0  # which forward's logits the cached value belongs to
 
     def __call__(self, output: Any) -> tuple[torch.Tensor, int]:
         """(log-probabilities over the text positions the logits hold, the offset that turns a
         sequence position into an index of them)."""
         logits = logits_of(output)
-        if logits is not self._logits:
+        if self._value is None or self._logits is None or self._logits() is not logits:
             kept, offset = logits, 0
             if self.sequence_length is not None:
                 kept = logits[:, -self.sequence_length:]
                 offset = kept.shape[1] - self.sequence_length
-            self._logits, self._value = logits, (torch.log_softmax(kept.float(), dim=-1), offset)
+            self._forward += 1
+            self._logits, self._value = weakref.ref(logits), (torch.log_softmax(kept.float(), dim=-1), offset)
+            weakref.finalize(logits, self._release, self._forward)
         return self._value
+
+    def _release(self, forward: int) -> None:
+        if forward == self._forward:  # not a later forward's value
+            self._value = None
 
 
 class TokensLogProb:

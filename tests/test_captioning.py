@@ -84,6 +84,30 @@ def test_batched_word_maps_equal_one_word_at_a_time(captioner, image):
     torch.testing.assert_close(exp.gradients[:-1].sum(0), exp.gradients[-1], rtol=1e-4, atol=1e-6)
 
 
+def test_targets_used_again_do_not_keep_the_last_forward_alive(captioner, image):
+    """The word targets' shared log-softmax is dropped with the forward's logits: a target reused
+    in a later call does not hold the earlier call's autograd graph (and its activations)."""
+    import gc
+
+    tokens = captioner.tokenize("a red circle")
+    model_inputs = captioner.batch_inputs(captioner.preprocess(image)[0]["pixel_values"], [tokens])
+    per_word, _ = word_targets(tokens)
+    first = mg.explain(captioner.model, model_inputs, per_word, captioner.default_layer)
+    gc.collect()
+    assert per_word[0].log_softmax._value is None
+    again = mg.explain(captioner.model, model_inputs, per_word, captioner.default_layer)
+    torch.testing.assert_close(again.layer_maps, first.layer_maps)
+    with torch.no_grad():  # within one forward, every target reads the one cached log-softmax
+        output = captioner.model(**model_inputs)
+        per_word[0](output)
+        cached = per_word[0].log_softmax._value
+        per_word[1](output)
+        assert per_word[1].log_softmax._value is cached
+    del output
+    gc.collect()
+    assert per_word[0].log_softmax._value is None
+
+
 def test_a_batch_of_images_equals_one_image_at_a_time(captioner, image):
     other = Image.fromarray(make_image(1, seed=5, size=64)[0])
     captions = ["a red circle , a blue square and two stars", None, "a green star"]
