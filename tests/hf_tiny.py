@@ -497,6 +497,57 @@ def tiny_florence2(image_size: int = 64, seed: int = 0):
     return model, Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+# Idefics3's / SmolVLM's chat template (the image as <image>, "User:" / "Assistant:" turns ending in
+# <end_of_utterance>), with the tokenizer's BOS in front
+IDEFICS3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}"
+                     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+IDEFICS3_SPECIAL = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                    *[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]]
+
+
+def tiny_idefics3(family: str = "idefics3", tile: int = 32, longest_edge: int = 64, splitting: bool = True,
+                  seed: int = 0):
+    """A tiny Idefics3 (``family="idefics3"``) or SmolVLM (``"smolvlm"``): a 2-block SigLIP-style
+    vision model on ``tile`` px tiles (patch 8: a 4x4 patch grid), the connector's 2x2 pixel shuffle
+    (4 image tokens per view), a 2-layer Llama decoder, the byte-level BPE tokenizer with the family's
+    special tokens and chat template, and the family's processor (the longest edge resized to
+    ``longest_edge``, tiles of ``tile`` px). Returns (model, processor)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIAL})
+    tokenizer.eos_token = "<end_of_utterance>"
+    tokenizer.chat_template = IDEFICS3_TEMPLATE
+    tokenizer.model_max_length = 1024
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=ids("<end_of_utterance>"),
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=tile, patch_size=8)
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=2,
+                                                      image_token_id=ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<end_of_utterance>")
+    words_only(model, tokenizer)
+    sizes = dict(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},
+                 do_image_splitting=splitting)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessor")(**sizes)
+    extra = {"video_processor": transformers.SmolVLMVideoProcessor()} if family == "smolvlm" else {}
+    processor = getattr(transformers, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tokenizer,
+                                                           image_seq_len=(tile // 8 // 2) ** 2,
+                                                           chat_template=IDEFICS3_TEMPLATE, **extra)
+    return model, processor
+
+
 def save_tiny(directory, built) -> "object":
     """Save a tiny (model, processor) pair with ``save_pretrained`` into ``directory`` (loaded by
     path in the family tests, as a user's local copy would be)."""
