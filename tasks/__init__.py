@@ -5,4 +5,4 @@ adapter classes on import (``common.register_loader`` / ``common.register_adapte
 modules never import a family file: this list is the only place that names them.
 """
 from . import captioning, chat_vlm, common, hf, vqa  # noqa: F401  (the shared bases, before any family)
-from . import blip, blip2, default, florence2, gemma3, git, llava, llava_next, paligemma, qwen2_vl, vilt, vit_gpt2  # noqa: F401  (families register themselves)
+from . import blip, blip2, default, florence2, gemma3, git, idefics3, llava, llava_next, paligemma, qwen2_vl, vilt, vit_gpt2  # noqa: F401  (families register themselves)
