@@ -126,7 +126,7 @@ def _families() -> set[str]:
 def test_shared_modules_name_no_family():
     families = _families()
     assert {"default", "blip", "git", "vit_gpt2", "vilt", "llava", "paligemma", "gemma3", "blip2",
-            "qwen2_vl"} <= families
+            "qwen2_vl", "idefics3"} <= families
     for shared in SHARED:
         name = f"mmgradcam.tasks.{shared}"
         assert not {m.rpartition(".")[2] for m in GRAPH[name]} & families, shared
@@ -162,7 +162,11 @@ def test_every_family_registered_itself():
                        ("captioning", "qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2-vl"),
                        ("vqa", "qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2-vl"),
                        ("captioning", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2.5-vl"),
-                       ("vqa", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2.5-vl")}
+                       ("vqa", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2.5-vl"),
+                       ("captioning", "idefics3", "Idefics3ForConditionalGeneration", "idefics3"),
+                       ("vqa", "idefics3", "Idefics3ForConditionalGeneration", "idefics3"),
+                       ("captioning", "smolvlm", "SmolVLMForConditionalGeneration", "smolvlm"),
+                       ("vqa", "smolvlm", "SmolVLMForConditionalGeneration", "smolvlm")}
     assert [name for _, name, _ in common._LOADERS][-1] == "transformers"  # the catch-all comes last
     assert "default" in [name for _, name, _ in common._LOADERS]
 
