@@ -48,7 +48,7 @@ from .captioning import CaptionTokens
 from .chat_vlm import ChatCaptioner, ChatVLM, ChatVQA
 from .common import register_adapter
 from .geometry import AxisAligned, ImageLike, load_image, probe_geometry
-from .hf import ProcessorGeometry, attention_modules, eager_attention, first_words, last_block_name, vit_grid
+from .hf import ProcessorGeometry, attention_modules, eager_attention, first_words, last_block_name
 
 LAYER_REASON = ("the vision model's last encoder block: the connector reads its patch tokens (after the "
                 "post-layernorm) and pixel-shuffles each scale_factor x scale_factor block into one token; "
@@ -129,7 +129,11 @@ class Idefics3Family(ChatVLM):
 
     @property
     def tile_size(self) -> int:
-        return int(self.vlm.config.vision_config.image_size)
+        """T: the side of a tile and of the global view (the image processor's ``max_image_size``,
+        which the checkpoints set to the vision model's image size)."""
+        size = getattr(self.processor.image_processor, "max_image_size", None)
+        edge = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
+        return int(edge or self.vlm.config.vision_config.image_size)
 
     @property
     def scale(self) -> int:
@@ -183,8 +187,9 @@ class Idefics3Family(ChatVLM):
 
     # ------------------------------------------------------------------ the grid of a layer
     def vision_grid(self) -> tuple[int, int]:
-        """The patch grid of one view."""
-        return vit_grid(self.vlm.config.vision_config)
+        """The patch grid of one view (T / patch_size per side)."""
+        side = self.tile_size // int(self.vlm.config.vision_config.patch_size)
+        return side, side
 
     def image_token_grid(self) -> tuple[int, int]:
         """The stitched grid of the image tokens in the language model's sequence."""
@@ -197,8 +202,8 @@ class Idefics3Family(ChatVLM):
         expected = self.view_count(self._current_tiles()) * (self.vision_grid()[0] // self.scale) ** 2
         counts = rows.sum(dim=1)
         if counts.numel() == 0 or bool((counts != expected).any()):
-            raise ValueError(f"expected {expected} image tokens in every row ({self._tiles} tiles and the global view), "
-                             f"found {counts.tolist()}")
+            raise ValueError(f"expected {expected} image tokens in every row ({self._tiles} tiles and the global "
+                             f"view), found {counts.tolist()}")
         return torch.nonzero(rows)[:, 1].reshape(rows.shape[0], -1)
 
     def views_to_grid(self, views: torch.Tensor, side: int) -> torch.Tensor:
@@ -251,9 +256,10 @@ class Idefics3Family(ChatVLM):
             side = patches if count == patches ** 2 else patches // self.scale
             return self.views_to_grid(tensor.reshape(*tensor.shape[:lead - 1], batch // views, views, count, -1), side)
         length = "unknown" if self._image_rows is None else self._image_rows.shape[1]
+        shuffled = patches // self.scale
         raise ValueError(f"a layer output of {batch} rows of {count} tokens is neither a vision layer's ({views} views "
-                         f"per image of {patches}x{patches} patches, or {patches // self.scale}x{patches // self.scale} "
-                         f"after the pixel shuffle) nor the language model's sequence ({length} tokens)")
+                         f"per image of {patches}x{patches} patches, or {shuffled}x{shuffled} after the pixel "
+                         f"shuffle) nor the language model's sequence ({length} tokens)")
 
     def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
         """The language model's joint self-attention; the image columns span the first to the last
@@ -343,7 +349,8 @@ class Idefics3Captioner(Idefics3Family, ChatCaptioner):
                 results[i] = result
         return results
 
-    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+    def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str],
+                    batch_size: int = 64) -> list[list[float]]:
         if len(images) != len(captions):
             raise ValueError(f"{len(captions)} captions given for {len(images)} images")
         pils = [load_image(image) for image in images]

@@ -533,7 +533,8 @@ def tiny_idefics3(family: str = "idefics3", tile: int = 32, longest_edge: int = 
                   image_size=tile, patch_size=8)
     prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
     config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=2,
-                                                      image_token_id=ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+                                                      image_token_id=ids("<image>"),
+                                                      pad_token_id=tokenizer.pad_token_id)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids("<end_of_utterance>")
