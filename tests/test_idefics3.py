@@ -369,6 +369,34 @@ def test_a_single_view_without_splitting():
     torch.testing.assert_close(result.layer_maps[0], cam, rtol=1e-4, atol=1e-6)
 
 
+def test_an_image_that_fits_one_tile_is_a_single_view():
+    """Splitting on, but the longest edge resized to the tile size: no tiles, the global view alone
+    (the processor's rows = cols = 0 layout, without <row_r_col_c> tokens)."""
+    model, processor = tiny_idefics3("idefics3", longest_edge=32)
+    cap = captioning.load(model, processor)
+    inputs, geometry = cap.prepare(WIDE, CAPTION)
+    tokens = cap.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    assert inputs["pixel_values"].shape == (1, 1, 3, 32, 32) and geometry.input_size == (32, 32)
+    assert tokens.count("<image>") == SIDE * SIDE and not [t for t in tokens if t.startswith("<row_")]
+    # 40x100 -> 12x32 -> 32x32 (the short side up to a multiple of the tile): the aspect ratio is not kept
+    assert geometry.scale == pytest.approx((40 / 32, 100 / 32), rel=2e-3)
+    result = cap.explain(WIDE, CAPTION, method="gradcam,tam")
+    assert result.layer_maps.shape == (7, PATCHES, PATCHES) and result.for_method("tam").layer_maps.shape == (7, 2, 2)
+
+
+def test_frozen_weights_and_bf16():
+    model, processor = tiny_idefics3("idefics3")
+    reference = captioning.load(model, processor).explain(SQUARE, CAPTION)
+    model.requires_grad_(False)
+    frozen = captioning.load(model, processor).explain(SQUARE, CAPTION)
+    torch.testing.assert_close(frozen.maps, reference.maps)
+    assert not any(p.requires_grad for p in model.parameters())
+    half = captioning.load(model, processor, dtype="bfloat16").explain(SQUARE, CAPTION)
+    for j in range(len(WORDS)):
+        a, b = half.maps[j].flatten().numpy(), reference.maps[j].flatten().numpy()
+        assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
 def test_generated_captions_and_prompt(saved, caps, family):
     cap = caps[family]
     captions = cap.generate_batch([WIDE, TALL, WIDE], max_words=3)
