@@ -28,3 +28,19 @@ def shapes_image():
     from mmgradcam.data.shapes import make_image
 
     return Image.fromarray(make_image(0, seed=31_337, size=128)[0])
+
+
+@pytest.fixture(scope="module")
+def caps(saved):
+    """A captioner per tiny model of a family test's ``saved`` ({name: directory}), loaded by path."""
+    from mmgradcam.tasks import captioning
+
+    return {name: captioning.load(str(path)) for name, path in saved.items()}
+
+
+@pytest.fixture(scope="module")
+def answerers(saved):
+    """An answerer per tiny model of a family test's ``saved`` ({name: directory}), loaded by path."""
+    from mmgradcam.tasks import vqa
+
+    return {name: vqa.load(str(path)) for name, path in saved.items()}

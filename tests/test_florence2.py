@@ -15,6 +15,7 @@ from PIL import Image
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
 from mmgradcam.tasks.hf import eager_attention
+from chat_checks import explain_leaving_the_model
 from hf_tiny import save_tiny, tiny_florence2
 
 CAPTION = "two circles, a triangle above the squares"
@@ -163,18 +164,10 @@ def test_batched_equals_looped(cap):
 
 @pytest.mark.parametrize("method", ["all", "attention-gradcam", "relevance", "guided-gradcam"])
 def test_every_method_and_the_model_left_as_it_was(cap, method):
-    before = snapshot(cap.model)
-    result = cap.explain(IMAGE, CAPTION, method=method)
-    after = snapshot(cap.model)
-    assert [t for _, t in before["training"]] == [t for _, t in after["training"]]
-    assert [h for _, h in before["hooks"]] == [h for _, h in after["hooks"]]
-    assert [(r, g) for _, r, g in before["params"]] == [(r, g) for _, r, g in after["params"]]
-    for name in result.methods:
-        maps = result.for_method(name).maps
-        assert maps.shape == (7, 40, 60) and torch.isfinite(maps).all()
-    if method == "all":  # the CAM methods and the attention methods through the decoder
-        assert {"gradcam", "hirescam", "attention-gradcam", "relevance"} <= set(result.methods)
-    else:
+    # "all": the CAM methods and the attention methods through the decoder
+    result = explain_leaving_the_model(cap, IMAGE, CAPTION, method)
+    assert len(result.words) == 7
+    if method != "all":
         assert torch.count_nonzero(result.for_method(method).layer_maps) > 0
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
+from chat_checks import explain_leaving_the_model
 from hf_tiny import tiny_gemma3, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
@@ -149,18 +149,9 @@ def test_batched_equals_looped(cap):
 
 @pytest.mark.parametrize("method", ["all", "tam", "relevance"])
 def test_methods_and_the_model_left_as_it_was(cap, method):
-    before = snapshot(cap.model)
-    result = cap.explain(IMAGE, CAPTION, method=method)
-    after = snapshot(cap.model)
-    assert [t for _, t in before["training"]] == [t for _, t in after["training"]]
-    assert [h for _, h in before["hooks"]] == [h for _, h in after["hooks"]]
-    assert [(r, g) for _, r, g in before["params"]] == [(r, g) for _, r, g in after["params"]]
-    for name in result.methods:
-        maps = result.for_method(name)
-        assert maps.maps.shape == (7, 40, 60) and torch.isfinite(maps.maps).all()
-    if method == "all":
-        assert {"gradcam", "hirescam", "attention-gradcam", "relevance"} <= set(result.methods)
-    else:  # the LM head or the attention at the image tokens: the pooled grid
+    result = explain_leaving_the_model(cap, IMAGE, CAPTION, method)
+    assert len(result.words) == 7
+    if method != "all":  # the LM head or the attention at the image tokens: the pooled grid
         assert result.layer_maps.shape == (7, *TOKENS) and torch.count_nonzero(result.layer_maps) > 0
 
 

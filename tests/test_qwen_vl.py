@@ -4,7 +4,6 @@ Qwen's special tokens and chat template; the real processors with small min/max 
 save_pretrained and loaded by path: the per-image prompt layout, word maps at the image size for two
 aspect ratios (different grids), the packed vision tokens put back in raster order (the window order
 of Qwen2.5-VL undone), Grad-CAM by hand, batched equal to looped, generative VQA, the CLI."""
-import json
 
 import numpy as np
 import pytest
@@ -13,9 +12,11 @@ from PIL import Image
 
 import mmgradcam as mg
 from mmgradcam.engine.layouts import FunctionLayout
-from mmgradcam.engine.state import snapshot
-from mmgradcam.tasks import captioning, vqa
+from mmgradcam.tasks import captioning
 from mmgradcam.tasks.qwen2_vl import unpatchify
+from chat_checks import (answers_batched_equal_alone, batch_equals_alone, batched_equals_looped, cli_caption_and_vqa,
+                         eval_run_with_a_prompt, explain_leaving_the_model, frozen_and_bf16, from_preprocessed_pixels,
+                         hooked_forward, reply_logprob_by_hand, resized_with_nothing_cut)
 from hf_tiny import tiny_qwen2_vl
 
 VERSIONS = ["2", "2.5"]
@@ -51,16 +52,6 @@ def saved(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def caps(saved):
-    return {v: captioning.load(str(path)) for v, path in saved.items()}
-
-
-@pytest.fixture(scope="module")
-def answerers(saved):
-    return {v: vqa.load(str(path)) for v, path in saved.items()}
-
-
 def _by_hand_inputs(adapter, image, reply: str = "", prompt: str = PROMPT) -> dict:
     """Qwen's chat written out by hand, through the processor (which expands <|image_pad|>)."""
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -83,17 +74,6 @@ def _raster(tokens: torch.Tensor, grid: tuple[int, int], window: list[int] | Non
         ordered[window] = blocks  # position j holds raster block window[j]
         blocks = ordered
     return blocks.reshape(h // 2, w // 2, 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(h, w, -1)
-
-
-def _hooked_forward(model, layer, inputs):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("a", o))
-    try:
-        logits = model(**inputs).logits
-    finally:
-        handle.remove()
-    output = captured["a"]
-    return logits, output[0] if isinstance(output, tuple) else output
 
 
 # ----------------------------------------------------------------------------- loading and layout
@@ -129,11 +109,7 @@ def test_the_caption_is_the_assistants_reply_laid_out_per_image(caps, version):
 
 def test_geometry_is_the_smart_resize_with_nothing_cut(caps):
     cap = caps["2"]
-    geometry = cap.processor.geometry((60, 90))
-    assert geometry.input_size == (56, 84) and geometry.valid_size is None
-    assert geometry.scale == pytest.approx((60 / 56, 90 / 84), rel=1e-3)
-    assert geometry.offset == pytest.approx((0.0, 0.0), abs=0.05)
-    assert bool(geometry.seen().all())
+    resized_with_nothing_cut(cap.processor.geometry((60, 90)), (60, 90), (56, 84), rel=1e-3)
     # the flattened patches put back into the image: a 56x84 image is not resized
     exact = Image.fromarray((np.random.default_rng(2).random((56, 84, 3)) * 255).astype("uint8"))
     out = cap.chat.image_processor(images=exact, return_tensors="pt")
@@ -201,7 +177,7 @@ def test_gradcam_by_hand(caps, version):
     inputs = _by_hand_inputs(cap, WIDE, CAPTION)
     window = WINDOW if version == "2.5" else None
     for j, positions in enumerate(tokens.word_positions):
-        logits, activation = _hooked_forward(cap.model, cap.default_layer, inputs)
+        logits, activation = hooked_forward(cap.model, cap.default_layer, inputs)
         logprobs = torch.log_softmax(logits[0].float(), -1)
         score = sum(logprobs[p, t] for p, t in positions)
         gradient, = torch.autograd.grad(score, activation)
@@ -219,7 +195,7 @@ def test_a_layer_of_the_language_model_reads_the_image_tokens(caps, version):
     tokens = _tokens(cap, TALL)
     inputs = _by_hand_inputs(cap, TALL, CAPTION)
     image = (inputs["input_ids"][0] == cap.image_token_id).nonzero().flatten()
-    logits, hidden = _hooked_forward(cap.model, layer, inputs)
+    logits, hidden = hooked_forward(cap.model, layer, inputs)
     score = sum(torch.log_softmax(logits[0].float(), -1)[p, t] for p, t in tokens.word_positions[3])
     gradient, = torch.autograd.grad(score, hidden)
     acts, grads = hidden[0, image].detach(), gradient[0, image]  # raster order on the merged grid
@@ -230,44 +206,21 @@ def test_a_layer_of_the_language_model_reads_the_image_tokens(caps, version):
 def test_batched_equals_looped(caps, version):
     cap = caps[version]
     methods = "gradcam,hirescam"
-    together = cap.explain(WIDE, CAPTION, method=methods, batched=True)
-    looped = cap.explain(WIDE, CAPTION, method=methods, batched=False)
-    chunked = cap.explain(WIDE, CAPTION, method=methods, max_targets_per_backward=2)
-    for name in together.methods:
-        torch.testing.assert_close(together.for_method(name).maps, looped.for_method(name).maps, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(together.for_method(name).maps, chunked.for_method(name).maps, rtol=1e-4, atol=1e-6)
+    batched_equals_looped(cap, WIDE, CAPTION, methods)
     # two grids and a repeated one: one forward per grid, the same maps as each image alone
     other = Image.fromarray((np.random.default_rng(3).random((58, 88, 3)) * 255).astype("uint8"))  # also 4x6
     images, captions = [WIDE, TALL, other], [CAPTION, "a red circle", "two green triangles"]
-    batch = cap.explain_batch(images, captions, method=methods)
-    for image, caption, found in zip(images, captions, batch):
-        alone = cap.explain(image, caption, method=methods)
-        assert found.words == alone.words and found.maps.shape == (len(alone.words), image.height, image.width)
-        for name in alone.methods:
-            torch.testing.assert_close(found.for_method(name).maps, alone.for_method(name).maps, rtol=1e-4, atol=1e-6)
-        assert found.word_logprobs == pytest.approx(alone.word_logprobs, rel=1e-4)
-    scores = cap.score_batch(images, captions)
-    assert [len(s) for s in scores] == [7, 3, 3]
-    assert scores[0] == pytest.approx(together.word_logprobs, rel=1e-4)
+    batch_equals_alone(cap, images, captions, methods)
 
 
 @pytest.mark.parametrize("method", ["all", "tam", "attention-gradcam", "relevance"])
 def test_every_method_and_the_model_left_as_it_was(caps, version, method):
     cap = caps[version]
-    before = snapshot(cap.model)
     deltas = cap.model.model.rope_deltas
-    result = cap.explain(WIDE, CAPTION, method=method)
-    after = snapshot(cap.model)
-    assert [t for _, t in before["training"]] == [t for _, t in after["training"]]
-    assert [h for _, h in before["hooks"]] == [h for _, h in after["hooks"]]
-    assert [(r, g) for _, r, g in before["params"]] == [(r, g) for _, r, g in after["params"]]
+    result = explain_leaving_the_model(cap, WIDE, CAPTION, method)
     assert cap.model.model.rope_deltas is deltas  # M-RoPE's offsets put back
-    for name in result.methods:
-        maps = result.for_method(name).maps
-        assert maps.shape == (7, 60, 90) and torch.isfinite(maps).all()
-    if method == "all":
-        assert {"gradcam", "hirescam", "attention-gradcam", "relevance"} <= set(result.methods)
-    else:  # tam and the attention methods: on the language model's merged grid
+    assert len(result.words) == 7 and result.maps.shape[1:] == (60, 90)
+    if method != "all":  # tam and the attention methods: on the language model's merged grid
         assert result.for_method(method).layer_maps.shape == (7, 2, 3)
         assert torch.count_nonzero(result.for_method(method).layer_maps) > 0
 
@@ -288,39 +241,19 @@ def test_generated_captions_and_prompt(saved, caps, version):
 
 
 def test_frozen_weights_and_bf16():
-    model, processor = tiny_qwen2_vl("2.5")
-    reference = captioning.load(model, processor).explain(WIDE, CAPTION)
-    model.requires_grad_(False)
-    frozen = captioning.load(model, processor).explain(WIDE, CAPTION)
-    torch.testing.assert_close(frozen.maps, reference.maps)
-    assert not any(p.requires_grad for p in model.parameters())
-    half = captioning.load(model, processor, dtype="bfloat16").explain(WIDE, CAPTION)
-    for j in range(len(WORDS)):
-        a, b = half.maps[j].flatten().numpy(), reference.maps[j].flatten().numpy()
-        assert np.corrcoef(a, b)[0, 1] > 0.9
+    frozen_and_bf16(*tiny_qwen2_vl("2.5"), WIDE, CAPTION, correlation=0.9)
 
 
 # ----------------------------------------------------------------------------- VQA
 def test_vqa_answers_batched_and_scored_by_hand(answerers, version):
     answerer = answerers[version]
     answers = ["red", "two circles", "a blue square"]
-    for image in (WIDE, TALL):
-        together = answerer.explain(image, QUESTION, answer=answers)
-        assert together.answers == answers and together.maps.shape == (3, image.height, image.width)
-        assert torch.count_nonzero(together.layer_maps) > 0
-        for k, answer in enumerate(answers):
-            alone = answerer.explain(image, QUESTION, answer=answer)
-            assert alone.score == pytest.approx(together.scores[k], rel=1e-5)
-            torch.testing.assert_close(alone.map, together.maps[k], rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(answers_batched_equal_alone(answerer, TALL, QUESTION, answers).layer_maps) > 0
+    together = answers_batched_equal_alone(answerer, WIDE, QUESTION, answers)
     prompt = f"{QUESTION}\nAnswer the question using a single word or phrase."
-    question = _by_hand_inputs(answerer, WIDE, prompt=prompt)
-    full = _by_hand_inputs(answerer, WIDE, "two circles", prompt=prompt)
-    with torch.no_grad():
-        logits = answerer.vlm(**full).logits[0].float()
-    start, ids = question["input_ids"].shape[1], full["input_ids"][0]
-    expected = sum(float(torch.log_softmax(logits[p - 1], -1)[ids[p]]) for p in range(start, len(ids)))
-    together = answerer.explain(WIDE, QUESTION, answer=answers)
-    assert len(ids) - start >= 2 and together.scores[1] == pytest.approx(expected, rel=1e-4)
+    tokens, expected = reply_logprob_by_hand(answerer, _by_hand_inputs(answerer, WIDE, prompt=prompt),
+                                             _by_hand_inputs(answerer, WIDE, "two circles", prompt=prompt))
+    assert tokens >= 2 and together.scores[1] == pytest.approx(expected, rel=1e-4)
 
 
 def test_vqa_top_answer_from_generation(answerers, version):
@@ -337,13 +270,8 @@ def test_vqa_methods_and_layers_batched_equal_looped(answerers, version, layer):
     answerer = answerers[version]
     answers = ["red", "two circles"]
     method = "gradcam,attention-gradcam,relevance"
-    together = answerer.explain(WIDE, QUESTION, answer=answers, method=method, layer=layer)
+    together = answers_batched_equal_alone(answerer, WIDE, QUESTION, answers, method=method, layer=layer)
     assert together.layer_maps.shape == ((2, 4, 6) if layer is None else (2, 2, 3))
-    for k, answer in enumerate(answers):
-        alone = answerer.explain(WIDE, QUESTION, answer=answer, method=method, layer=layer)
-        for name in together.methods:
-            torch.testing.assert_close(alone.for_method(name).map, together.for_method(name).maps[k],
-                                       rtol=1e-4, atol=1e-6)
     contrast = answerer.explain(WIDE, QUESTION, answer="red", contrast="blue", layer=layer)
     assert contrast.contrast_map.shape == (60, 90)
 
@@ -369,44 +297,15 @@ def test_a_packed_layer_output_names_its_batch():
 
 
 def test_cli_caption_and_vqa(saved, tmp_path):
-    from mmgradcam.cli import main
-
-    WIDE.save(tmp_path / "img.png")
-    path = str(saved["2.5"])
-    assert main(["caption", str(tmp_path / "img.png"), "--model", path, "--caption", CAPTION,
-                 "--out", str(tmp_path / "out")]) == 0
-    assert np.load(tmp_path / "out" / "maps.npz")["maps"].shape == (7, 60, 90)
-    summary = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert summary["caption"] == CAPTION
-    assert main(["vqa", str(tmp_path / "img.png"), QUESTION, "--model", path, "--answer", "red",
-                 "--answer", "two circles", "--out", str(tmp_path / "vq")]) == 0
+    assert len(cli_caption_and_vqa(saved["2.5"], WIDE, CAPTION, QUESTION, tmp_path)["words"]) == 7
 
 
 def test_eval_run(saved, tmp_path):
     """The eval loop: captions generated from preprocessed (packed) pixels, explained per grid."""
-    from mmgradcam.cli import main
-    from mmgradcam.data.shapes import write_split
-
-    paths = write_split(tmp_path / "data", "test", 2, seed=1)
-    assert main(["eval", "--instances", str(paths["instances"]), "--captions", str(paths["captions"]),
-                 "--images", str(paths["images"]), "--references", "--model", str(saved["2.5"]),
-                 "--prompt", "Describe the shapes.", "--method", "gradcam,relevance", "--workers", "0",
-                 "--quiet", "--out", str(tmp_path / "ev")]) == 0
-    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["images"] == 2 and summary["config"]["prompt"] == "Describe the shapes."
+    eval_run_with_a_prompt(saved["2.5"], tmp_path)
 
 
 def test_preprocessed_pixels_of_several_images(caps):
     """The eval loop's path: the images' packed patches concatenated, split by their geometries."""
-    cap = caps["2.5"]
-    prepared = [cap.preprocess(image) for image in (WIDE, TALL, WIDE)]
-    pixels = torch.cat([inputs["pixel_values"] for inputs, _ in prepared])
-    geometries = [geometry for _, geometry in prepared]
-    assert cap.generate_from_pixels(pixels, max_words=3, geometries=geometries) == \
-        cap.generate_batch([WIDE, TALL, WIDE], max_words=3)
-    with pytest.raises(ValueError, match="needs each image's geometry"):
-        cap.generate_from_pixels(pixels)
-    found = cap.explain_pixels(pixels, geometries, [CAPTION, "a red circle", "two circles"])
-    torch.testing.assert_close(found[1].maps, cap.explain(TALL, "a red circle").maps, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="patches given for images of"):
-        cap.explain_pixels(pixels[:-1], geometries, [CAPTION] * 3)
+    from_preprocessed_pixels(caps["2.5"], [WIDE, TALL, WIDE], [CAPTION, "a red circle", "two circles"],
+                             "patches given for images of")
