@@ -36,8 +36,14 @@ A family without a chat template sets ``uses_chat_template = False`` and lays th
 ``prompt_text(text)`` (the processor's text for a user turn of ``text``) and ``reply_tokens(reply)``
 (the reply's ids and offsets as they follow the prompt).
 
-A family whose image-token count depends on the image size (Qwen2-VL, Idefics3 with splitting) also
-overrides ``prompt_ids``: the base lays out a captioning prompt once, with a probe image.
+A family whose image-token count depends on the image size (Qwen2-VL, LLaVA-NeXT, Idefics3 with
+splitting) also overrides ``prompt_ids``: the base lays out a captioning prompt once, with a probe
+image; its captioner and answerer mix in ``LayoutPerImageCaptioner`` / ``LayoutPerImageVQA`` (one
+forward per image layout). A family whose image is read as tiles and a whole-image view (LLaVA-NeXT,
+Idefics3) stitches the tiles with ``stitch_tiles`` and combines the views with ``side_by_side`` /
+``summed_views``; its vision layers hold ``views_per_image()`` rows per image. Image tokens with
+other tokens between them (Idefics3's tile separators) are fine: the attention methods' image
+columns span them and ``image_token_placement`` reads the image tokens alone.
 
 An encoder-decoder whose encoder holds the image tokens and the prompt (Florence-2) reads its
 image-token positions from ``sequence_module``'s ``input_ids`` (its VQA wrapper's: the encoder's
@@ -54,6 +60,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -73,6 +80,40 @@ from .text import is_word
 from .vqa import Difference, VQAModel
 
 MAX_PREFIX_TOKENS = 16  # vision tokens before the patch grid (CLS, registers) that a layout drops
+
+
+def stitch_tiles(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Channels-last tiles (..., rows*cols, h, w, C), row by row as the processors cut them ->
+    the one grid they tile (..., rows*h, cols*w, C)."""
+    *lead, _, h, w, channels = tiles.shape
+    grid = tiles.reshape(*lead, rows, cols, h, w, channels).transpose(-4, -3)
+    return grid.reshape(*lead, rows * h, cols * w, channels)
+
+
+def side_by_side(whole: torch.Tensor, tiles: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Channels-last views (..., g, g', C) of the whole image and (..., h, w, C) of its tiles ->
+    (..., 2C, h, w): the tile grid's channels, then the whole view's spread over the tile grid:
+    ``mode`` "bilinear" (upsampled), or "repeat" (each cell over the tile cells it covers, the tile
+    grid a whole multiple of it)."""
+    *lead, h, w, channels = tiles.shape
+    g, g2 = whole.shape[-3], whole.shape[-2]
+    spread = whole.float().movedim(-1, -3)
+    if mode == "repeat":
+        if h % g or w % g2:
+            raise ValueError(f"a {g}x{g2} grid does not repeat onto a {h}x{w} grid")
+        spread = spread.repeat_interleave(h // g, dim=-2).repeat_interleave(w // g2, dim=-1)
+    else:
+        spread = F.interpolate(spread.reshape(-1, channels, g, g2), size=(h, w), mode=mode,
+                               align_corners=False).reshape(*lead, channels, h, w)
+    return torch.cat([tiles.float().movedim(-1, -3), spread], dim=-3)
+
+
+def summed_views(whole: torch.Tensor, tiles: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """(..., g, g', C) and (..., h, w, C) -> (..., C, h, w): the tile grid plus the whole view's
+    spread over it (``side_by_side``)."""
+    both = side_by_side(whole, tiles, mode)
+    channels = tiles.shape[-1]
+    return both[..., :channels, :, :] + both[..., channels:, :, :]
 
 
 class ChatVLM(HFAdapter):
@@ -105,7 +146,9 @@ class ChatVLM(HFAdapter):
         super().__init__(self.engine_model(model.eval()), tokenizer, image_processor, name)
         self.max_tokens = self._max_tokens()
         self.default_layer = self.preset_layer()
-        self.layer_options = {"layout": FunctionLayout(self._tokens_to_grid)}
+        # a family whose layout depends on the image adds the images' input_size for the duration
+        self._layout_options = {"layout": FunctionLayout(self._tokens_to_grid, batch_size=self._samples)}
+        self.layer_options = dict(self._layout_options)
         self._install_output_hooks()
 
     # ------------------------------------------------------------------ what a family may override
@@ -218,6 +261,28 @@ class ChatVLM(HFAdapter):
         positions = torch.nonzero(rows)[:, 1].reshape(rows.shape[0], -1)
         return positions[:, -h * w:]
 
+    def views_per_image(self) -> int:
+        """The rows a vision layer holds per image (a family that reads tiles: its views)."""
+        return 1
+
+    def _is_sequence(self, tensor: torch.Tensor, lead: int) -> bool:
+        """True for a (..., B, L, C) output over the language model's sequence of the last forward."""
+        rows = self._image_rows
+        return rows is not None and tensor.shape[lead] == rows.shape[1] and tensor.shape[lead - 1] == rows.shape[0]
+
+    def _samples(self, activation: torch.Tensor) -> int:
+        """The images in a layer output: the sequence's rows, or a vision layer's rows per image."""
+        if self._is_sequence(activation, 1):
+            return int(activation.shape[0])
+        return int(activation.shape[0]) // self.views_per_image()
+
+    def image_token_states(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
+        """(..., B, L, C) over the language model's sequence -> (..., B, n, C) at the image tokens
+        (``image_positions`` of the last forward's ids)."""
+        positions = self.image_positions(self._image_rows).to(tensor.device)  # (B, n)
+        index = positions.reshape(*([1] * (lead - 1)), *positions.shape, 1)
+        return tensor.gather(lead, index.expand(*tensor.shape[:lead], positions.shape[1], tensor.shape[-1]))
+
     def _tokens_to_grid(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
         """(..., B, N, C) tokens -> (..., B, C, h, w). N the language model's sequence length: the
         hidden states at the image tokens (on the image-token grid); otherwise vision tokens, prefix
@@ -226,11 +291,9 @@ class ChatVLM(HFAdapter):
         th, tw = self.image_token_grid()
         count = tensor.shape[lead]
         rows = self._image_rows
-        if rows is not None and count == rows.shape[1] and tensor.shape[lead - 1] == rows.shape[0]:
+        if self._is_sequence(tensor, lead):
             h, w = th, tw
-            positions = self.image_positions(rows).to(tensor.device)  # (B, h*w)
-            index = positions.reshape(*([1] * (lead - 1)), *positions.shape, 1)
-            picked = tensor.gather(lead, index.expand(*tensor.shape[:lead], h * w, tensor.shape[-1]))
+            picked = self.image_token_states(tensor, lead)
         elif 0 <= count - h * w <= MAX_PREFIX_TOKENS:
             picked = tensor[..., count - h * w:, :]
         elif count == th * tw:  # a projector that pools the patches (its output, one token per image token)
@@ -245,19 +308,38 @@ class ChatVLM(HFAdapter):
 
     def attention_graph(self, inputs: Mapping[str, torch.Tensor]) -> AttentionGraph:
         """One sequence of text and image tokens in the language model: every decoder block's
-        self-attention is joint; the image columns are the image tokens' positions, text row r is
+        self-attention is joint; the image columns span the image tokens' positions, text row r is
         sequence position r (the rows the word and answer targets are read at)."""
         layers = attention_modules(self.language_model, {"self_attn": "joint"})
         return AttentionGraph(layers, self.image_token_grid(), self.image_columns(inputs),
-                              context=partial(eager_attention, self.vlm), placement=self.image_token_placement())
+                              context=partial(eager_attention, self.vlm), placement=self.column_placement(inputs))
+
+    def sequence_image_positions(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(n,): the image grid's positions in the sequence of ``inputs["input_ids"]`` (the same in every row)."""
+        positions = self.image_positions(inputs["input_ids"] == self.image_token_id)
+        if not bool((positions == positions[:1]).all()):
+            raise ValueError("the image tokens sit at different positions in the rows of one forward")
+        return positions[0]
 
     def image_columns(self, inputs: Mapping[str, torch.Tensor]) -> slice:
-        """The image grid's positions in the sequence of ``inputs["input_ids"]`` (contiguous)."""
-        positions = self.image_positions(inputs["input_ids"] == self.image_token_id)[0]
-        start = int(positions[0])
-        if not torch.equal(positions, torch.arange(start, start + len(positions), device=positions.device)):
-            raise ValueError("the image tokens are not contiguous in the sequence")
-        return slice(start, start + len(positions))
+        """The columns from the first image token of the grid to the last."""
+        positions = self.sequence_image_positions(inputs)
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+
+    def column_placement(self, inputs: Mapping[str, torch.Tensor]) -> Any:
+        """The attention methods' placement of the image columns: ``image_token_placement``, the
+        tokens between the image tokens (Idefics3's tile separators), where there are any, left out."""
+        positions = self.sequence_image_positions(inputs)
+        place = self.image_token_placement()
+        offsets = (positions - positions[0]).cpu()
+        if int(offsets[-1]) + 1 == len(offsets):  # contiguous
+            return place
+        h, w = self.image_token_grid()
+
+        def pick(columns: torch.Tensor) -> torch.Tensor:
+            image = columns[..., offsets.to(columns.device)]
+            return place(image) if place is not None else image.reshape(*image.shape[:-1], h, w)
+        return pick
 
     # ------------------------------------------------------------------ the chat layout
     def set_prompt(self, prompt: str) -> None:
@@ -399,10 +481,14 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
         return [first_words(text.strip(), max_words) for text in texts]
 
     def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The LM head's logits at the image grid's tokens of the sequence."""
+        """The LM head's logits at the image grid's tokens of the sequence, placed on the grid by
+        ``image_token_placement`` where the family has one (several views of an image: summed)."""
         logits = logits_of(output)
         positions = self.image_positions(inputs["input_ids"] == self.image_token_id).to(logits.device)
-        picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+        picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))  # (B, n, V)
+        place = self.image_token_placement()
+        if place is not None:
+            picked = place(picked.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, V, h, w) -> (B, h*w, V)
         return picked, self.image_token_grid()
 
 

@@ -49,10 +49,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmgradcam.engine.layouts import FunctionLayout
-from mmgradcam.targets import logits_of
-
-from .chat_vlm import MAX_PREFIX_TOKENS, LayoutPerImageCaptioner, LayoutPerImageVQA
+from .chat_vlm import (MAX_PREFIX_TOKENS, LayoutPerImageCaptioner, LayoutPerImageVQA, side_by_side, stitch_tiles,
+                       summed_views)
 from .common import register_adapter
 from .geometry import AxisAligned, probe_geometry
 from .hf import ProcessorGeometry
@@ -90,23 +88,6 @@ class AnyResGrid:
         return self.crop[1] * self.cell_pixels, self.crop[3] * self.cell_pixels
 
 
-def side_by_side(base: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    """Channels-last views (..., g, g, C) and (..., h, w, C) -> (..., 2C, h, w): the tile grid's
-    channels, then the base grid's upsampled (bilinear) to the tile grid."""
-    *lead, h, w, channels = tiles.shape
-    g = base.shape[-2]
-    up = F.interpolate(base.float().movedim(-1, -3).reshape(-1, channels, g, g), size=(h, w), mode="bilinear",
-                       align_corners=False).reshape(*lead, channels, h, w)
-    return torch.cat([tiles.float().movedim(-1, -3), up], dim=-3)
-
-
-def summed_views(base: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    """(..., g, g, C) and (..., h, w, C) -> (..., C, h, w): the tile grid plus the upsampled base."""
-    both = side_by_side(base, tiles)
-    channels = tiles.shape[-1]
-    return both[..., :channels, :, :] + both[..., channels:, :, :]
-
-
 class AnyResGeometry(ProcessorGeometry):
     """The processor's tiles, padded to the most tiles any image gets (so images of any size
     concatenate), with ``image_sizes``; the geometry of the unpadded grid's region of the canvas,
@@ -134,9 +115,7 @@ class AnyResGeometry(ProcessorGeometry):
             def process(array: np.ndarray) -> torch.Tensor:
                 out = self.image_processor(images=array, do_rescale=False, do_normalize=False, return_tensors="pt")
                 tiles = out["pixel_values"][0, 1:grid.tile_count].float()
-                (rows, cols), side = grid.tiles, tiles.shape[-1]
-                canvas = tiles.reshape(rows, cols, 3, side, side).permute(2, 0, 3, 1, 4).reshape(
-                    3, rows * side, cols * side)
+                canvas = stitch_tiles(tiles.movedim(1, -1), *grid.tiles).movedim(-1, 0)
                 top, height, left, width = grid.crop
                 p = grid.cell_pixels
                 return canvas[:, top * p:(top + height) * p, left * p:(left + width) * p]
@@ -158,8 +137,6 @@ class AnyResFamily(LlavaFamily):
         self._grids: dict[tuple[int, int], AnyResGrid] = {}
         self._size: tuple[int, int] | None = None  # an image size of the layout being explained
         super().__init__(model, tokenizer, image_processor, name, processor)
-        self._layout_options = {"layout": FunctionLayout(self._tokens_to_grid, batch_size=self._samples)}
-        self.layer_options = dict(self._layout_options)
 
     @property
     def geometry_class(self) -> Any:
@@ -296,34 +273,24 @@ class AnyResFamily(LlavaFamily):
         outer = tensor.shape[:lead - 1]
         per_image = tensor[..., prefix:, :].reshape(*outer, count // grid.tile_count, grid.tile_count, g, g, channels)
         base = per_image[..., 0, :, :, :]
-        stitched = per_image[..., 1:, :, :, :].reshape(*per_image.shape[:-4], rows, cols, g, g, channels)
-        stitched = stitched.transpose(-4, -3).reshape(*per_image.shape[:-4], rows * g, cols * g, channels)
+        stitched = stitch_tiles(per_image[..., 1:, :, :, :], rows, cols)
         top, height, left, width = grid.crop
         return base, stitched[..., top:top + height, left:left + width, :]
 
-    def _is_sequence(self, tensor: torch.Tensor, lead: int) -> bool:
-        rows = self._image_rows
-        return rows is not None and tensor.shape[lead] == rows.shape[1] and tensor.shape[lead - 1] == rows.shape[0]
-
-    def _samples(self, activation: torch.Tensor) -> int:
-        """The images in a layer output: a vision layer's first dimension holds their tiles."""
-        if self._is_sequence(activation, 1):
-            return int(activation.shape[0])
-        return int(activation.shape[0]) // self.current_grid().tile_count
+    def views_per_image(self) -> int:
+        """A vision layer's first dimension holds each image's tiles (base and high-resolution)."""
+        return self.current_grid().tile_count
 
     def _tokens_to_grid(self, tensor: torch.Tensor, lead: int) -> torch.Tensor:
         """(..., B, N, C) -> (..., B, 2C, h, w): the tile view's channels, then the base view's
         upsampled to the same grid (a vision layer: the unpadded stitched grid; a language-model
         layer: its hidden states at the image tokens, on the sequence's tile grid)."""
         if self._is_sequence(tensor, lead):
-            positions = self.image_positions(self._image_rows).to(tensor.device)  # (B, n)
-            index = positions.reshape(*([1] * (lead - 1)), *positions.shape, 1)
-            picked = tensor.gather(lead, index.expand(*tensor.shape[:lead], positions.shape[1], tensor.shape[-1]))
-            return side_by_side(*self.packed_views(picked, lead))
+            return side_by_side(*self.packed_views(self.image_token_states(tensor, lead), lead))
         return side_by_side(*self.tower_views(tensor, lead))
 
     def image_token_placement(self) -> Any:
-        """The attention methods' (T, B, n image tokens) -> (T, B, h, w): tile grid plus upsampled base."""
+        """The attention methods' and TAM's (..., n image tokens) -> (..., h, w): tile grid plus upsampled base."""
         def place(values: torch.Tensor) -> torch.Tensor:
             base, tiles = self.packed_views(values[..., None], values.dim() - 1)
             return summed_views(base, tiles)[..., 0, :, :]
@@ -347,15 +314,8 @@ class AnyResFamily(LlavaFamily):
 
 # ----------------------------------------------------------------------------- captioning
 class AnyResCaptioner(AnyResFamily, LayoutPerImageCaptioner):
-    """Captioning as the assistant's reply; one forward per any-resolution layout."""
-
-    def image_token_logits(self, output: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """TAM: the LM head's logits at the image tokens, tile grid plus upsampled base."""
-        logits = logits_of(output)
-        positions = self.image_positions(inputs["input_ids"] == self.image_token_id).to(logits.device)
-        picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-        combined = summed_views(*self.packed_views(picked, 1))  # (B, V, h, w)
-        return combined.flatten(2).transpose(1, 2), self.image_token_grid()
+    """Captioning as the assistant's reply; one forward per any-resolution layout (TAM: the LM
+    head's logits at the image tokens placed as the attention methods' are)."""
 
 
 # ----------------------------------------------------------------------------- VQA

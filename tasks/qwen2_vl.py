@@ -37,7 +37,6 @@ from PIL import Image
 from torch import nn
 
 from mmgradcam.engine import resolve_layer
-from mmgradcam.engine.layouts import FunctionLayout
 
 from .captioning import CaptionTokens
 from .chat_vlm import ChatVLM, EncodedImageLM, LayoutPerImageCaptioner, LayoutPerImageVQA
@@ -106,8 +105,6 @@ class QwenVLFamily(ChatVLM):
         self._images = 0
         self._windowed = False
         super().__init__(model, tokenizer, image_processor, name, processor)
-        self._layout_options = {"layout": FunctionLayout(self._tokens_to_grid, batch_size=self._samples)}
-        self.layer_options = dict(self._layout_options)
 
     # ------------------------------------------------------------------ the model
     @property
