@@ -161,7 +161,7 @@ class AnyResFamily(LlavaFamily):
             tile, patch = self.tile_size, int(config.vision_config.patch_size)
             g = tile // patch
             rows, cols = module.get_anyres_image_grid_shape(list(key), config.image_grid_pinpoints, tile)
-            cells = torch.arange(rows * g * cols * g).reshape(1, rows * g, cols * g)
+            cells = torch.arange(rows * g * cols * g, device="cpu").reshape(1, rows * g, cols * g)  # bookkeeping
             kept = module.unpad_image(cells, list(key))
             top, left = divmod(int(kept[0, 0, 0]), cols * g)
             height, width = kept.shape[1:]

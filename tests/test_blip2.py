@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
+from chat_checks import hooked_forward
 from hf_tiny import tiny_blip2, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
@@ -51,17 +52,6 @@ def _by_hand_inputs(adapter, prompt: str, reply: str, image=IMAGE) -> dict:
         q = adapter.chat.qformer_tokenizer(prompt, return_tensors="pt")
         out["qformer_input_ids"], out["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
     return out
-
-
-def _forward_with_hook(model, layer, inputs):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("a", o))
-    try:
-        output = model(**inputs)
-    finally:
-        handle.remove()
-    value = captured["a"]
-    return output, value[0] if isinstance(value, tuple) else value
 
 
 def test_loaded_by_path_with_the_preset_layer(saved, cap, answerer):
@@ -101,8 +91,8 @@ def test_gradcam_by_brute_force_and_the_maps_stretched_back(cap):
     tokens = cap.tokenize(CAPTION)
     inputs = _by_hand_inputs(cap, cap.prompt, CAPTION)
     for j, positions in enumerate(tokens.word_positions):
-        output, activation = _forward_with_hook(cap.model, cap.default_layer, inputs)
-        logprobs = torch.log_softmax(output.logits[0].float(), -1)
+        logits, activation = hooked_forward(cap.model, cap.default_layer, inputs)
+        logprobs = torch.log_softmax(logits[0].float(), -1)
         score = sum(logprobs[p, t] for p, t in positions)
         gradient, = torch.autograd.grad(score, activation)
         acts, grads = activation[0, 1:].detach(), gradient[0, 1:]  # (9, C), CLS dropped
@@ -192,9 +182,9 @@ def test_vqa_gradcam_by_brute_force(answerer):
     start = answerer.chat(images=IMAGE, text=prompt, return_tensors="pt")["input_ids"].shape[1]
     for k, answer in enumerate(["red", "two circles"]):
         full = _by_hand_inputs(answerer, prompt, answer)
-        output, activation = _forward_with_hook(answerer.vlm, answerer.default_layer, full)
+        logits, activation = hooked_forward(answerer.vlm, answerer.default_layer, full)
         ids = full["input_ids"][0]
-        logprobs = torch.log_softmax(output.logits[0].float(), -1)
+        logprobs = torch.log_softmax(logits[0].float(), -1)
         score = sum(logprobs[p - 1, ids[p]] for p in range(start, len(ids)))
         gradient, = torch.autograd.grad(score, activation)
         cam = torch.relu(activation[0, 1:].detach() @ gradient[0, 1:].mean(dim=0)).reshape(GRID)

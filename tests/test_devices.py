@@ -76,11 +76,15 @@ def _every_call(adapter, image, task):
                                     "blip-vqa", "llava", "llava-vqa", "paligemma", "paligemma-vqa", "gemma3",
                                     "gemma3-vqa", "blip2", "blip2-vqa", "instructblip", "instructblip-vqa",
                                     "qwen2-vl", "qwen2-vl-vqa", "qwen2.5-vl", "qwen2.5-vl-vqa", "florence2",
-                                    "florence2-vqa", "idefics3", "idefics3-vqa"])
+                                    "florence2-vqa", "idefics3", "idefics3-vqa", "llava-next", "llava-onevision-vqa"])
 def test_every_tensor_the_toolkit_creates_names_its_device(family, shapes_image, photo):
     if family.startswith("default"):
         task = "captioning" if family == "default-captioner" else "vqa"
         adapter, image = (captioning if task == "captioning" else vqa).load("default"), shapes_image
+    elif family.startswith(("llava-next", "llava-onevision")):  # any-resolution tiles: the model and its processor
+        task = "vqa" if family.endswith("-vqa") else "captioning"
+        model, processor = hf_tiny.tiny_llava_next(onevision=family.startswith("llava-onevision"))
+        adapter, image = (captioning if task == "captioning" else vqa).load(model, processor), photo
     elif family.startswith(("llava", "paligemma", "gemma3", "florence2", "idefics3")):  # the model and its processor
         task = "vqa" if family.endswith("-vqa") else "captioning"
         model, processor = getattr(hf_tiny, f"tiny_{family.removesuffix('-vqa')}")()

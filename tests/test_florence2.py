@@ -15,7 +15,7 @@ from PIL import Image
 from mmgradcam.engine.state import snapshot
 from mmgradcam.tasks import captioning, vqa
 from mmgradcam.tasks.hf import eager_attention
-from chat_checks import explain_leaving_the_model
+from chat_checks import explain_leaving_the_model, hooked_forward
 from hf_tiny import save_tiny, tiny_florence2
 
 CAPTION = "two circles, a triangle above the squares"
@@ -49,17 +49,6 @@ def _by_hand(adapter, prompt: str, reply: str, image=IMAGE) -> dict:
     start = adapter.vlm.config.text_config.decoder_start_token_id
     inputs["decoder_input_ids"] = torch.tensor([[start] + adapter.tokenizer(reply)["input_ids"]])
     return inputs
-
-
-def _forward_with_hook(model, layer, inputs):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("a", o))
-    try:
-        output = model(**inputs)
-    finally:
-        handle.remove()
-    value = captured["a"]
-    return output, value[0] if isinstance(value, tuple) else value
 
 
 def _gradcam(activation, gradient):
@@ -117,7 +106,7 @@ def test_a_change_in_one_corner_stays_over_that_corner(cap):
     for image in (IMAGE, Image.fromarray(changed)):
         inputs = _by_hand(cap, "<CAPTION>", CAPTION, image)
         with torch.no_grad():
-            maps.append(_forward_with_hook(cap.vlm, layer, inputs)[1][0])
+            maps.append(hooked_forward(cap.vlm, layer, inputs)[1][0])
     moved = (maps[0] - maps[1]).abs().amax(dim=0) > 1e-5  # (16, 16) cells of 4 input px
     rows, cols = torch.nonzero(moved, as_tuple=True)
     # the corner is input rows 0..16, columns 48..64 (x1.6 and x1.07: stretched); the resize and
@@ -137,8 +126,8 @@ def test_gradcam_by_brute_force_at_the_davit_and_the_encoder(cap):
     for layer in (PRESET, "model.language_model.encoder.layers.1"):
         result = cap.explain(IMAGE, CAPTION, method="gradcam", layer=layer)
         for j, positions in enumerate(tokens.word_positions):
-            output, activation = _forward_with_hook(cap.vlm, layer, inputs)
-            logprobs = torch.log_softmax(output.logits[0].float(), -1)
+            logits, activation = hooked_forward(cap.vlm, layer, inputs)
+            logprobs = torch.log_softmax(logits[0].float(), -1)
             score = sum(logprobs[p, t] for p, t in positions)
             gradient, = torch.autograd.grad(score, activation)
             if activation.dim() == 4:
@@ -244,9 +233,9 @@ def test_vqa_answers_batched_and_scored_by_hand(answerer):
     for k, answer in enumerate(answers):
         # the question as the encoder's prompt; the answer as the decoder's output after </s> <s>
         full = _by_hand(answerer, QUESTION, answer)
-        output, activation = _forward_with_hook(answerer.vlm, PRESET, full)
+        logits, activation = hooked_forward(answerer.vlm, PRESET, full)
         ids = full["decoder_input_ids"][0]
-        logprobs = torch.log_softmax(output.logits[0].float(), -1)
+        logprobs = torch.log_softmax(logits[0].float(), -1)
         score = sum(logprobs[p - 1, ids[p]] for p in range(2, len(ids) - 1))  # </s> <s> not scored, nor the end
         assert together.scores[k] == pytest.approx(float(score.detach()), rel=1e-4)
         gradient, = torch.autograd.grad(score, activation)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmgradcam.tasks import captioning, vqa
-from chat_checks import explain_leaving_the_model
+from chat_checks import explain_leaving_the_model, hooked_forward
 from hf_tiny import tiny_gemma3, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
@@ -45,17 +45,6 @@ def _chat(user: str, reply: str = "") -> str:
 
 def _by_hand_inputs(adapter, user: str, reply: str, image=IMAGE) -> dict:
     return dict(adapter.chat(images=image, text=_chat(user, reply), return_tensors="pt", add_special_tokens=False))
-
-
-def _forward_with_hook(model, layer, inputs):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("a", o))
-    try:
-        output = model(**inputs)
-    finally:
-        handle.remove()
-    value = captured["a"]
-    return output, value[0] if isinstance(value, tuple) else value
 
 
 def test_loaded_by_path_with_the_preset_layer(cap, answerer):
@@ -126,8 +115,8 @@ def test_word_maps_and_gradcam_by_hand_at_both_grids(cap):
         assert result.maps.shape == (7, 40, 60) and result.layer_maps.shape == (7, *grid)
         assert bool(result.seen.all()) and torch.count_nonzero(result.layer_maps) > 0
         for j in (1, 3):
-            output, hidden = _forward_with_hook(cap.model, layer or cap.default_layer, inputs)
-            logprobs = torch.log_softmax(output.logits[0].float(), -1)
+            logits, hidden = hooked_forward(cap.model, layer or cap.default_layer, inputs)
+            logprobs = torch.log_softmax(logits[0].float(), -1)
             score = sum(logprobs[p, t] for p, t in tokens.word_positions[j])
             gradient, = torch.autograd.grad(score, hidden)
             acts, grads = (hidden[0], gradient[0]) if layer is None else (hidden[0, image], gradient[0, image])

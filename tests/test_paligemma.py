@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmgradcam.tasks import captioning, vqa
-from chat_checks import explain_leaving_the_model
+from chat_checks import explain_leaving_the_model, hooked_forward
 from hf_tiny import tiny_paligemma, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
@@ -44,17 +44,6 @@ def _by_hand_inputs(adapter, prefix: str, suffix: str, image=IMAGE) -> dict:
     out = dict(adapter.chat(images=image, text="<image>" + prefix, suffix=suffix, return_tensors="pt"))
     out.pop("labels")
     return {k: v[:, :-1] if k != "pixel_values" else v for k, v in out.items()}
-
-
-def _forward_with_hook(model, layer, inputs):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("a", o))
-    try:
-        output = model(**inputs)
-    finally:
-        handle.remove()
-    value = captured["a"]
-    return output, value[0] if isinstance(value, tuple) else value
 
 
 def test_loaded_by_path_with_the_preset_layer(cap, answerer):
@@ -115,7 +104,7 @@ def test_the_stretch_a_patch_lands_where_it_was_in_the_image(cap):
     for image in (IMAGE, Image.fromarray(changed)):
         pixels = cap.chat.image_processor(images=image, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            tokens.append(_forward_with_hook(cap.model, embeddings, {"input_ids": cap.tokenize(CAPTION).input_ids,
+            tokens.append(hooked_forward(cap.model, embeddings, {"input_ids": cap.tokenize(CAPTION).input_ids,
                                                                       "pixel_values": pixels})[1])
     moved = (tokens[1] - tokens[0]).norm(dim=-1)[0].reshape(GRID)  # patch k is grid cell (k // 6, k % 6)
     assert float(moved[0, 5]) > 0 and float(moved.sum() - moved[0, 5]) == 0
@@ -135,8 +124,8 @@ def test_gradcam_by_brute_force_and_the_maps_stretched_back(cap):
     tokens = cap.tokenize(CAPTION)
     inputs = _by_hand_inputs(cap, "caption en", CAPTION)
     for j, positions in enumerate(tokens.word_positions):
-        output, activation = _forward_with_hook(cap.model, cap.default_layer, inputs)
-        logprobs = torch.log_softmax(output.logits[0].float(), -1)
+        logits, activation = hooked_forward(cap.model, cap.default_layer, inputs)
+        logprobs = torch.log_softmax(logits[0].float(), -1)
         score = sum(logprobs[p, t] for p, t in positions)
         gradient, = torch.autograd.grad(score, activation)
         acts, grads = activation[0].detach(), gradient[0]  # (36, C)
@@ -177,8 +166,8 @@ def test_a_layer_of_the_language_model_reads_the_image_tokens(cap):
     tokens = cap.tokenize(CAPTION)
     inputs = _by_hand_inputs(cap, "caption en", CAPTION)
     image = (inputs["input_ids"][0] == cap.image_token_id).nonzero().flatten()
-    output, hidden = _forward_with_hook(cap.model, layer, inputs)
-    score = sum(torch.log_softmax(output.logits[0].float(), -1)[p, t] for p, t in tokens.word_positions[3])
+    logits, hidden = hooked_forward(cap.model, layer, inputs)
+    score = sum(torch.log_softmax(logits[0].float(), -1)[p, t] for p, t in tokens.word_positions[3])
     gradient, = torch.autograd.grad(score, hidden)
     cam = torch.relu(hidden[0, image].detach() @ gradient[0, image].mean(dim=0)).reshape(GRID)
     torch.testing.assert_close(result.layer_maps[3], cam, rtol=1e-4, atol=1e-6)
