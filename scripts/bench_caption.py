@@ -68,7 +68,8 @@ def blip_base_captioner(device: torch.device | str = "cpu", dtype: str | None = 
     return captioning.load(model, tokenizer=tokenizer, image_processor=BlipImageProcessor(), device=device, dtype=dtype)
 
 
-def llava_captioner(size: str = "mid", device: torch.device | str = "cpu", dtype: str | None = None):
+def llava_captioner(size: str = "mid", device: torch.device | str = "cpu",
+                    dtype: str | None = None) -> captioning.Captioner:
     """A random-weight LlavaForConditionalGeneration at 336 px (CLIP tower, patch 14: 576 image
     tokens; Llama decoder) with LLaVA-1.5's chat template and an in-memory BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,23 +135,27 @@ def word_paths(captioner, image: Image.Image, caption: str, method: str = "gradc
         with captioner.forward_context():
             options["attention"] = captioner.attention_graph(model_inputs)
 
-    def run(targets, per_backward=None):
+    def run(targets: list, per_backward: int | None = None) -> torch.Tensor:
         extra = {"readout": word_readout(targets, rows)} if "attention" in options else {}
         with captioner.forward_context():
             return mg.explain(captioner.model, model_inputs, targets, layer, method, dtype=captioner.dtype,
                               max_targets_per_backward=per_backward, **options, **extra).layer_maps
 
-    paths = {"one word's map": lambda: run(per_word[:1]),
-             "all words, batched": lambda: run(per_word),
-             f"all words, chunks of {chunk}": lambda: run(per_word, chunk),
-             "all words, per-word loop": lambda: torch.cat([run([t]) for t in per_word])}
+    paths = dict(zip(path_labels(chunk), [lambda: run(per_word[:1]), lambda: run(per_word),
+                                          lambda: run(per_word, chunk),
+                                          lambda: torch.cat([run([t]) for t in per_word])]))
     where = "the attention layers" if "attention" in options else f"layer {captioner.default_layer}"
     return paths, len(per_word), where
 
 
-def peak_memory_mib(build: str, path: str, args: argparse.Namespace) -> float | None:
+def path_labels(chunk: int) -> list[str]:
+    """The paths ``word_paths`` times, in its order."""
+    return ["one word's map", "all words, batched", f"all words, chunks of {chunk}", "all words, per-word loop"]
+
+
+def peak_memory_mib(family: str, path: str, args: argparse.Namespace) -> float | None:
     """``path``'s peak memory in a fresh process (see the module docstring), or None if it failed."""
-    command = [sys.executable, __file__, "--family", build, "--size", args.size, "--method", args.method,
+    command = [sys.executable, __file__, "--family", family, "--size", args.size, "--method", args.method,
                "--device", args.device, "--dtype", args.dtype, "--chunk", str(args.chunk), "--child", path]
     # large blocks straight from mmap and back on free: the resident set then follows the live tensors
     # (glibc's heap keeps freed memory otherwise, and its fragmentation would count as this path's peak)
@@ -165,7 +170,7 @@ def peak_memory_mib(build: str, path: str, args: argparse.Namespace) -> float | 
 
 def measure_peak(fn, device: torch.device) -> float:
     """MiB above what is held before ``fn`` runs, at its peak."""
-    from bench_memory import MiB, _reset_cpu_peak, _status_kib
+    from bench_memory import MiB, reset_cpu_peak, status_kib
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,11 +179,11 @@ def measure_peak(fn, device: torch.device) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB
-    before = (_status_kib("VmRSS") or 0) * 1024
-    if not _reset_cpu_peak():
+    before = (status_kib("VmRSS") or 0) * 1024
+    if not reset_cpu_peak():
         raise OSError("/proc/self/clear_refs cannot be written here: no CPU peak to measure")
     fn()
-    return ((_status_kib("VmHWM") or 0) * 1024 - before) / MiB
+    return ((status_kib("VmHWM") or 0) * 1024 - before) / MiB
 
 
 def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, method: str = "gradcam",
@@ -193,15 +198,16 @@ def bench(name: str, captioner, image: Image.Image, caption: str, repeats: int, 
     scale = max(float(maps_loop.abs().max()), 1e-12)
     difference = max(float((maps_batched - maps_loop).abs().max()), float((maps_chunked - maps_loop).abs().max()))
     print(f"\n{name}: {method}, {words} words, {where}, median of {repeats}")
-    rows = [(t_one, ""), (t_batched, f"({t_batched / t_one:.2f}x one word; {t_loop / t_batched:.1f}x faster than the loop)"),
+    timings = [(t_one, ""), (t_batched, f"({t_batched / t_one:.2f}x one word; {t_loop / t_batched:.1f}x faster than the loop)"),
             (t_chunked, f"({t_chunked / t_one:.2f}x one word)"), (t_loop, f"({t_loop / t_one:.2f}x one word)")]
-    for (label, _), (seconds, note) in zip(paths.items(), rows):
+    for (label, _), (seconds, note) in zip(paths.items(), timings):
         peak = "" if memory is None or memory.get(label) is None else f"  peak {memory[label]:7.0f} MiB"
         print(f"  {label:28s} {seconds:8.2f} s{peak}   {note}")
     print(f"  max relative map difference batched / chunked vs loop: {difference / scale:.1e}")
 
 
-def build(family: str, args: argparse.Namespace, device: torch.device):
+def build(family: str, args: argparse.Namespace,
+          device: torch.device) -> tuple[str, captioning.Captioner, Image.Image, str]:
     """(title, captioner, image, caption) of one benchmarked family."""
     rng = np.random.default_rng(0)
     photo = Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8"))
@@ -246,16 +252,15 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({card}), dtype {args.dtype}, {torch.get_num_threads()} threads")
     for family in families:
-        title, captioner, image, caption = build(family, args, device)
-        memory = None
+        memory = None  # measured before this process builds the model (a 7B one would be there twice)
         if args.memory in ("on", "only") or (args.memory == "auto" and family == "llava"):
-            labels = word_paths(captioner, image, caption, args.method, args.chunk)[0]
-            memory = {label: peak_memory_mib(family, label, args) for label in labels}
+            memory = {label: peak_memory_mib(family, label, args) for label in path_labels(args.chunk)}
         if args.memory == "only":
-            print(f"\n{title}: {args.method}, peak memory per path (MiB above the loaded model and inputs)")
+            print(f"\n{family}: {args.method}, peak memory per path (MiB above the loaded model and inputs)")
             for label, peak in memory.items():
                 print(f"  {label:28s} {peak:8.0f} MiB" if peak is not None else f"  {label:28s} not measured")
             continue
+        title, captioner, image, caption = build(family, args, device)
         bench(title, captioner, image, caption, args.repeats, args.method, args.chunk, memory)
 
 

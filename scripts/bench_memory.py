@@ -36,7 +36,7 @@ from pathlib import Path
 MiB = 2 ** 20
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -46,7 +46,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_cpu_peak() -> bool:
+def reset_cpu_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -95,8 +95,8 @@ def measure(args: argparse.Namespace) -> dict:
         before = torch.cuda.memory_allocated(device)
         source = "torch.cuda.max_memory_allocated"
     else:
-        before = (_status_kib("VmRSS") or 0) * 1024
-        source = "VmHWM after clear_refs" if _reset_cpu_peak() else "ru_maxrss"
+        before = (status_kib("VmRSS") or 0) * 1024
+        source = "VmHWM after clear_refs" if reset_cpu_peak() else "ru_maxrss"
     start = time.perf_counter()
     _, gradients, _ = forward_and_gradients(model, {"inputs_embeds": embeds}, targets, [(name, layer)],
                                             max_targets_per_backward=count if chunk is None else chunk)
@@ -108,7 +108,7 @@ def measure(args: argparse.Namespace) -> dict:
     elif source == "ru_maxrss":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     else:
-        peak = (_status_kib("VmHWM") or 0) * 1024 - before
+        peak = (status_kib("VmHWM") or 0) * 1024 - before
     assert gradients[0].shape[0] == count
     return {"targets": count, "chunk": args.chunk, "peak_mib": peak / MiB, "seconds": seconds, "source": source}
 

@@ -96,15 +96,16 @@ class TokensLogProb:
         self.batch = len(positions)
         self.owner, self.pos, self.tok = (torch.tensor(column, dtype=torch.long, device=device)
                                           for column in zip(*rows))
+        self.first_position = min(pos for _, pos, _ in rows)
         self.log_softmax = log_softmax or LogSoftmaxCache()
 
     def __call__(self, output: Any) -> torch.Tensor:
         logprobs, offset = self.log_softmax(output)
         if logprobs.shape[0] != self.batch:
             raise ValueError(f"target built for {self.batch} samples got a batch of {logprobs.shape[0]}")
-        if offset and int(self.pos.min()) + offset < 0:
+        if self.first_position + offset < 0:
             raise ValueError(f"the logits hold the last {logprobs.shape[1]} positions; a word is scored at "
-                             f"position {int(self.pos.min())}, before them")
+                             f"position {self.first_position}, before them")
         picked = logprobs[self.owner, self.pos + offset, self.tok]
         return torch.zeros(self.batch, dtype=logprobs.dtype, device=logprobs.device).index_add(
             0, self.owner.to(logprobs.device), picked)
@@ -345,7 +346,7 @@ class Captioner(Adapter):
             chunk = slice(start, start + batch_size)
             tokens = [self.tokenize(c) for c in captions[chunk]]
             pixels = torch.cat([self.preprocess(load_image(i))[0]["pixel_values"] for i in images[chunk]])
-            per_word, _ = word_targets(tokens, self.text_logits_from_end)
+            per_word, _ = word_targets(tokens, self.text_logits_from_end, device=self.device)
             with torch.no_grad(), mg.engine.preserved_state(self.model), self.forward_context():
                 output = self.model(**self.to_device(self.batch_inputs(pixels, tokens)), **self.logit_window(tokens))
                 values = torch.stack([t(output) for t in per_word]).T  # (B, max words)

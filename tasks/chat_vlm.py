@@ -56,7 +56,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -115,6 +115,17 @@ def summed_views(whole: torch.Tensor, tiles: torch.Tensor, mode: str = "bilinear
     channels = tiles.shape[-1]
     return both[..., :channels, :, :] + both[..., channels:, :, :]
 
+
+
+@lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward computes only its last k logits on request (``logits_to_keep``:
+    most transformers VLMs; not BLIP-2 / InstructBLIP)."""
+    return _forward_takes_logits_to_keep(type(model))
 
 class ChatVLM(HFAdapter):
     """What chat captioners and answerers share: the processor and its chat template, the prompt
@@ -431,16 +442,11 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
     def logit_window(self, tokens: Sequence[CaptionTokens]) -> dict[str, Any]:
         """``logits_to_keep``: the logits from the first one that scores a word to the sequence's end
         (the LM head then runs, and is differentiated, at the reply's positions only)."""
-        if not self.keeps_logits:
+        if not takes_logits_to_keep(self.vlm):
             return {}
         length = max(t.input_ids.shape[1] for t in tokens)
         first = min(p for t in tokens for word in t.word_positions for p, _ in word)
         return {"logits_to_keep": length - first}
-
-    @property
-    def keeps_logits(self) -> bool:
-        """Whether the model's forward takes ``logits_to_keep`` (transformers' decoder-only VLMs do)."""
-        return "logits_to_keep" in inspect.signature(self.vlm.forward).parameters
 
     def tokenize(self, caption: str) -> CaptionTokens:
         if not isinstance(caption, str) or not any(is_word(w) for w, _, _ in word_spans(caption)):
@@ -494,7 +500,7 @@ class ChatCaptioner(ChatVLM, HFCaptioner):
 
 class LayoutPerImage:
     """What a family whose image-token layout depends on the image (Qwen2-VL's patch grid,
-    LLaVA-NeXT's any-resolution tiles) shares for captioning and VQA: the images of a call grouped
+    LLaVA-NeXT's any-resolution tiles, Idefics3's tile grid) shares for captioning and VQA: the images of a call grouped
     by layout, one forward (and one batched backward) per layout, images of one layout sharing one.
 
     The family provides ``layout_key(geometry)`` (equal for images that share a forward), the
@@ -502,6 +508,21 @@ class LayoutPerImage:
     the duration: the layout of those images, as the prompt, the pixel inputs and the layer's
     layout need it) and ``split_pixels(pixel_values, geometries)`` (preprocessed pixels of several
     images, one tensor per image, which ``torch.cat`` joins back for a group)."""
+
+    @contextlib.contextmanager
+    def laid_out(self, input_size: tuple[int, int], **state: Any) -> Iterator[None]:
+        """For the duration: the family's per-layout attributes ``state`` and the layer options
+        whose maps are upsampled to ``input_size`` (the resized image). Restored after, also on errors."""
+        saved = {name: getattr(self, name) for name in state}, self.layer_options
+        try:
+            for name, value in state.items():
+                setattr(self, name, value)
+            self.layer_options = {**self._layout_options, "input_size": input_size}
+            yield
+        finally:
+            for name, value in saved[0].items():
+                setattr(self, name, value)
+            self.layer_options = saved[1]
 
     def group(self, geometries: Sequence[Any]) -> dict[Any, list[int]]:
         """The indices of ``geometries`` grouped by layout (in order): one forward per group."""
@@ -624,7 +645,7 @@ class EncodedImageLM(nn.Module):
         """``logits_to_keep``: the logits from the question's last position (it predicts an answer's
         first token) to the end, where the model takes it: the LM head runs, and is differentiated,
         at the answers only (``AnswerLogProb`` reads logits aligned at the sequence's end)."""
-        if answer_ids is None or "logits_to_keep" not in inspect.signature(self.vlm.forward).parameters:
+        if answer_ids is None or not takes_logits_to_keep(self.vlm):
             return {}
         return {"logits_to_keep": answer_ids.shape[1] + 1}
 
@@ -642,6 +663,9 @@ class AnswerLogProb:
     def __call__(self, logits: Any) -> torch.Tensor:
         logits = logits_of(logits)
         offset = logits.shape[1] - self.sequence_length
+        if min(p for p, _ in self.positions) + offset < 0:
+            raise ValueError(f"the logits hold the last {logits.shape[1]} of {self.sequence_length} positions; "
+                             "an answer token is scored before them")
         pos = torch.tensor([p + offset for p, _ in self.positions], dtype=torch.long, device=logits.device)
         tok = torch.tensor([t for _, t in self.positions], dtype=torch.long, device=logits.device)
         value = torch.log_softmax(logits[self.row, pos].float(), dim=-1).gather(1, tok[:, None]).sum()

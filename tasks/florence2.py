@@ -61,14 +61,21 @@ def last_stage_blocks(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def decoder_start_token(model: nn.Module) -> int:
+    """The token the decoder starts from: the generation config's, else the text config's."""
+    start = model.generation_config.decoder_start_token_id
+    return int(start if start is not None else model.config.text_config.decoder_start_token_id)
+
+
 class EncodedPromptDecoder(nn.Module):
     """Florence-2 as the VQA engine's model: the image and the question encoded once (a batch of
     one: DaViT, projector, BART encoder), the K candidate answers decoded as K rows reading that
     encoding -> logits (K, L, V)."""
 
-    def __init__(self, vlm: nn.Module):
+    def __init__(self, vlm: nn.Module) -> None:
         super().__init__()
         self.vlm = vlm
+        self.start = decoder_start_token(vlm)  # the answer rows' first token too
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 answer_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +88,7 @@ class EncodedPromptDecoder(nn.Module):
         encoded = self.vlm.get_encoder()(inputs_embeds=embeds.masked_scatter(placed, image),
                                          attention_mask=attention_mask).last_hidden_state
         if answer_ids is None:  # no answers: the decoder's start alone
-            start = self.vlm.config.text_config.decoder_start_token_id
-            answer_ids = torch.full((1, 1), int(start), dtype=torch.long, device=input_ids.device)
+            answer_ids = torch.full((1, 1), self.start, dtype=torch.long, device=input_ids.device)
             answer_mask = torch.ones_like(answer_ids)
         count = answer_ids.shape[0]
         return self.vlm(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.expand(count, -1, -1)),
@@ -181,8 +187,7 @@ class Florence2Family(ChatVLM):
 
     @property
     def decoder_start(self) -> int:
-        start = self.vlm.generation_config.decoder_start_token_id
-        return int(start if start is not None else self.vlm.config.text_config.decoder_start_token_id)
+        return decoder_start_token(self.vlm)
 
 
 @register_adapter("captioning", model_type="florence2", model_class="Florence2ForConditionalGeneration")

@@ -153,14 +153,8 @@ class Idefics3Family(ChatVLM):
     def images_of(self, tiles: Tiles) -> Iterator[None]:
         """For the duration: the images of one forward share the tile grid ``tiles``; the layout
         and the size of the resized image the maps are upsampled to. Restored after, also on errors."""
-        saved = self._tiles, self.layer_options
-        self._tiles = tiles
-        self.layer_options = {**self._layout_options, "input_size": (tiles[0] * self.tile_size,
-                                                                     tiles[1] * self.tile_size)}
-        try:
+        with self.laid_out((tiles[0] * self.tile_size, tiles[1] * self.tile_size), _tiles=tiles):
             yield
-        finally:
-            self._tiles, self.layer_options = saved
 
     def _current_tiles(self) -> Tiles:
         if self._tiles is None:

@@ -186,13 +186,9 @@ class AnyResFamily(LlavaFamily):
         keys = {self.size_key(s) for s in rows}
         if len(keys) != 1:
             raise ValueError(f"one forward explains images of one any-resolution layout, got sizes {rows}")
-        saved = self._size, self.layer_options
-        self._size = tuple(int(v) for v in rows[0])
-        self.layer_options = {**self._layout_options, "input_size": self.anyres_grid(self._size).input_size}
-        try:
+        size = tuple(int(v) for v in rows[0])
+        with self.laid_out(self.anyres_grid(size).input_size, _size=size):
             yield
-        finally:
-            self._size, self.layer_options = saved
 
     def current_grid(self) -> AnyResGrid:
         if self._size is None:
@@ -231,8 +227,7 @@ class AnyResFamily(LlavaFamily):
     def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tiles and ``image_sizes``: any size of the layout gives the model the same tiles,
         unpadding and tokens."""
-        sizes = torch.tensor([self._size_of_layout()] * len(pixel_values), dtype=torch.long,
-                             device=pixel_values.device)
+        sizes = torch.tensor([self._size_of_layout()] * len(pixel_values), dtype=torch.long, device=self.device)
         return {"pixel_values": pixel_values, "image_sizes": sizes}
 
     def _size_of_layout(self) -> tuple[int, int]:

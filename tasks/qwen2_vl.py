@@ -164,22 +164,18 @@ class QwenVLFamily(ChatVLM):
     def images_of(self, grid_thw: torch.Tensor | Grid | list[Grid], layer: nn.Module | str | None = None
                   ) -> Iterator[None]:
         """For the duration: the images of one forward (``image_grid_thw`` (n, 3), a list of their
-        grids, or one image's grid), all of one grid; the layout of ``layer`` (None: the preset) and the size of the
-        resized image the maps are upsampled to. Restored after, also on errors."""
+        grids, or one image's grid), all of one grid; the layout of ``layer`` (None: the preset) and
+        the size of the resized image the maps are upsampled to. Restored after, also on errors."""
         rows = [grid_thw] if isinstance(grid_thw, tuple) else (
             grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw))
         grids = {tuple(int(v) for v in row) for row in rows}
         if len(grids) != 1:
             raise ValueError(f"one forward explains images of one patch grid, got {sorted(grids)}")
         grid = grids.pop()
-        saved = self._grid, self._images, self._windowed, self.layer_options
-        self._grid, self._images = grid, len(rows)
-        self._windowed = self.window_attention and not self._before_windows(layer)
-        self.layer_options = {**self._layout_options, "input_size": (grid[1] * self.patch, grid[2] * self.patch)}
-        try:
+        windowed = self.window_attention and not self._before_windows(layer)
+        with self.laid_out((grid[1] * self.patch, grid[2] * self.patch), _grid=grid, _images=len(rows),
+                           _windowed=windowed):
             yield
-        finally:
-            self._grid, self._images, self._windowed, self.layer_options = saved
 
     def _current_grid(self) -> Grid:
         if self._grid is None:
@@ -210,7 +206,7 @@ class QwenVLFamily(ChatVLM):
 
     def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The packed patches of the current images and their grids."""
-        grid_thw = torch.tensor([self._current_grid()] * self._images, dtype=torch.long, device=pixel_values.device)
+        grid_thw = torch.tensor([self._current_grid()] * self._images, dtype=torch.long, device=self.device)
         return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
 
     # ------------------------------------------------------------------ the grid of a layer

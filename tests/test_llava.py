@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgradcam.tasks import captioning, vqa
+from mmgradcam.tasks import captioning, chat_vlm, vqa
 from chat_checks import (answers_batched_equal_alone, eval_run_with_a_prompt, explain_leaving_the_model,
                          frozen_and_bf16)
 from hf_tiny import tiny_llava, save_tiny
@@ -222,8 +222,6 @@ def test_vqa_methods_and_layers_batched_equal_looped(answerer, layer):
 def test_vqa_lm_head_runs_at_the_answers_only_with_the_same_maps(answerer, monkeypatch):
     """K answer rows: the LM head computes the logits from the question's last position on (the
     longest answer + 1 rows), and maps and scores equal those from the whole sequence's logits."""
-    from mmgradcam.tasks.chat_vlm import EncodedImageLM
-
     answers = ["red", "a blue square"]
     longest = max(len(answerer._answer_ids(a)) for a in answers)
     rows = []
@@ -235,7 +233,7 @@ def test_vqa_lm_head_runs_at_the_answers_only_with_the_same_maps(answerer, monke
         handle.remove()
     # the two answers' rows (generation's own forwards, with their own row counts, aside)
     assert {r for r in rows if r[0] == 2} == {(2, longest + 1)}
-    monkeypatch.setattr(EncodedImageLM, "reply_window", lambda self, answer_ids: {})
+    monkeypatch.setattr(chat_vlm, "takes_logits_to_keep", lambda model: False)
     whole = answerer.explain(IMAGE, QUESTION, answer=answers, method="gradcam,relevance")
     assert kept.scores == pytest.approx(whole.scores, rel=1e-5)
     for name in ("gradcam", "relevance"):
@@ -277,8 +275,16 @@ def test_the_lm_head_runs_at_the_reply_only_with_the_same_maps(cap, monkeypatch)
     finally:
         handle.remove()
     assert rows and set(rows) == {tokens.input_ids.shape[1] - first}
-    monkeypatch.setattr(type(cap), "keeps_logits", property(lambda self: False))
+    # two captions of different lengths, right-padded in one batch: the window covers both
+    captions = [CAPTION, "a red circle"]
+    pair_kept, scores_kept = cap.explain_batch([IMAGE, IMAGE], captions), cap.score_batch([IMAGE, IMAGE], captions)
+    monkeypatch.setattr(chat_vlm, "takes_logits_to_keep", lambda model: False)
     whole = cap.explain(IMAGE, CAPTION, method="gradcam,attention-gradcam")
+    pair_whole, scores_whole = cap.explain_batch([IMAGE, IMAGE], captions), cap.score_batch([IMAGE, IMAGE], captions)
+    for kept_one, whole_one, kept_scores, whole_scores in zip(pair_kept, pair_whole, scores_kept, scores_whole):
+        torch.testing.assert_close(kept_one.maps, whole_one.maps, rtol=1e-4, atol=1e-6)
+        assert kept_one.word_logprobs == pytest.approx(whole_one.word_logprobs, rel=1e-5)
+        assert kept_scores == pytest.approx(whole_scores, rel=1e-5)
     for name in ("gradcam", "attention-gradcam"):
         torch.testing.assert_close(kept.for_method(name).maps, whole.for_method(name).maps, rtol=1e-4, atol=1e-6)
     assert kept.word_logprobs == pytest.approx(whole.word_logprobs, rel=1e-5)

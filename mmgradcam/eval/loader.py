@@ -11,6 +11,7 @@ where it was made, so results are identical either way.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -134,10 +135,11 @@ PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
-    """A worker's init: on Linux the kernel kills it (SIGKILL) as soon as the thread that made it
-    (the one iterating the loader, the run's main thread) dies, so a run killed with ``kill -9`` leaves no decoder behind (DataLoader's own check of the
-    parent runs only between items, and a worker blocked on a full queue never gets there). A parent
-    already gone before this runs is caught by comparing its pid."""
+    """A forked worker's init: on Linux the kernel kills it (SIGKILL) as soon as the thread that
+    made it (the one iterating the loader, the run's main thread) dies, so a run killed with
+    ``kill -9`` leaves no decoder behind (DataLoader's own check of the parent runs only between
+    items, and a worker blocked on a full queue never gets there). A parent already gone before this
+    runs is caught by comparing its pid."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -153,7 +155,9 @@ def decoded_batches(dataset: BatchDataset, order: Sequence[int], workers: int = 
         raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
     if not order:
         return iter(())
+    # workers started by a forkserver or spawned are not the run's children: only forked ones die with it
+    forked = workers > 0 and multiprocessing.get_start_method() == "fork"
     loader = DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_as_is,
                         pin_memory=pin_memory, prefetch_factor=PREFETCH if workers > 0 else None,
-                        worker_init_fn=partial(die_with_parent, os.getpid()) if workers > 0 else None)
+                        worker_init_fn=partial(die_with_parent, os.getpid()) if forked else None)
     return iter(loader)
