@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache, partial
 from typing import Any
@@ -531,6 +531,17 @@ class LayoutPerImage:
             groups.setdefault(self.layout_key(geometry), []).append(i)
         return groups
 
+    def per_layout(self, geometries: Sequence[Any], run: Callable[[list[int]], Sequence[Any]]) -> list[Any]:
+        """``run(indices)`` for each layout's images (inside ``images_at``), one result per image,
+        the results put back in the images' order."""
+        results: list[Any] = [None] * len(geometries)
+        for index in self.group(geometries).values():
+            with self.images_at([geometries[i] for i in index]):
+                found = run(index)
+            for i, result in zip(index, found):
+                results[i] = result
+        return results
+
     def image_geometry(self, image: Image.Image) -> AxisAligned:
         return self.processor.geometry((image.height, image.width))
 
@@ -561,28 +572,21 @@ class LayoutPerImageCaptioner(LayoutPerImage, ChatCaptioner):
             raise ValueError(f"explain_pixels needs one geometry and one caption per image: {len(geometries)} "
                              f"geometries, {len(captions)} captions")
         images = self.split_pixels(pixel_values, geometries)
-        results: list[Any] = [None] * len(geometries)
-        for index in self.group(geometries).values():
-            with self.images_at([geometries[i] for i in index]):
-                tokens = [self.tokenize(captions[i]) for i in index]
-                inputs = self.batch_inputs(torch.cat([images[i] for i in index]), tokens)
-                found = self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
-            for i, result in zip(index, found):
-                results[i] = result
-        return results
+
+        def explain(index: list[int]) -> list[Any]:
+            tokens = [self.tokenize(captions[i]) for i in index]
+            inputs = self.batch_inputs(torch.cat([images[i] for i in index]), tokens)
+            return self._explain_tokens(inputs, tokens, [geometries[i] for i in index], **options)
+
+        return self.per_layout(geometries, explain)
 
     def score_batch(self, images: Sequence[ImageLike], captions: Sequence[str], batch_size: int = 64) -> list[list[float]]:
         if len(images) != len(captions):
             raise ValueError(f"{len(captions)} captions given for {len(images)} images")
         pils = [load_image(image) for image in images]
-        geometries = [self.image_geometry(pil) for pil in pils]
-        scores: list[list[float]] = [[] for _ in pils]
-        for index in self.group(geometries).values():
-            with self.images_at([geometries[i] for i in index]):
-                found = super().score_batch([pils[i] for i in index], [captions[i] for i in index], batch_size)
-            for i, score in zip(index, found):
-                scores[i] = score
-        return scores
+        score = super().score_batch
+        return self.per_layout([self.image_geometry(pil) for pil in pils],
+                               lambda index: score([pils[i] for i in index], [captions[i] for i in index], batch_size))
 
     def generate_batch(self, images: Sequence[ImageLike], beam_size: int = 1,
                        max_words: int | None = None) -> list[str]:
@@ -598,14 +602,9 @@ class LayoutPerImageCaptioner(LayoutPerImage, ChatCaptioner):
             raise ValueError(f"{type(self.vlm).__name__}'s image tokens depend on the image: generate_from_pixels "
                              "needs each image's geometry (geometries=, from preprocess)")
         images = self.split_pixels(pixel_values, geometries)
-        captions = [""] * len(geometries)
-        for index in self.group(geometries).values():
-            with self.images_at([geometries[i] for i in index]):
-                found = super().generate_from_pixels(torch.cat([images[i] for i in index]), beam_size, max_words,
-                                                     [geometries[i] for i in index])
-            for i, caption in zip(index, found):
-                captions[i] = caption
-        return captions
+        generate = super().generate_from_pixels
+        return self.per_layout(geometries, lambda index: generate(torch.cat([images[i] for i in index]), beam_size,
+                                                                  max_words, [geometries[i] for i in index]))
 
 
 # ----------------------------------------------------------------------------- VQA
