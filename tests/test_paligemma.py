@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmgradcam.tasks import captioning, vqa
-from chat_checks import explain_leaving_the_model, hooked_forward
+from chat_checks import batch_equals_alone, batched_equals_looped, explain_leaving_the_model, hooked_forward
 from hf_tiny import tiny_paligemma, save_tiny
 
 CAPTION = "two circles, a triangle above the squares"
@@ -138,17 +138,9 @@ def test_gradcam_by_brute_force_and_the_maps_stretched_back(cap):
 
 
 def test_batched_equals_looped(cap):
-    together = cap.explain(IMAGE, CAPTION, method="gradcam,hirescam", batched=True)
-    looped = cap.explain(IMAGE, CAPTION, method="gradcam,hirescam", batched=False)
-    for name in together.methods:
-        torch.testing.assert_close(together.for_method(name).maps, looped.for_method(name).maps, rtol=1e-4, atol=1e-6)
+    batched_equals_looped(cap, IMAGE, CAPTION, "gradcam,hirescam")  # also in chunks of two words
     other = Image.fromarray((np.random.default_rng(1).random((50, 30, 3)) * 255).astype("uint8"))
-    pair = cap.explain_batch([IMAGE, other], [CAPTION, "a red circle"])  # captions of two lengths, padded
-    torch.testing.assert_close(pair[0].maps, together.maps, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(pair[1].maps, cap.explain(other, "a red circle").maps, rtol=1e-4, atol=1e-6)
-    assert pair[1].maps.shape == (3, 50, 30)
-    chunked = cap.explain(IMAGE, CAPTION, method="gradcam,hirescam", max_targets_per_backward=2)
-    torch.testing.assert_close(chunked.maps, together.maps, rtol=1e-4, atol=1e-6)
+    batch_equals_alone(cap, [IMAGE, other], [CAPTION, "a red circle"], "gradcam,hirescam")  # captions of two lengths, padded
 
 
 @pytest.mark.parametrize("method", ["all", "tam", "attention-gradcam", "relevance", "guided-gradcam"])
